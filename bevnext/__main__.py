@@ -1,0 +1,7 @@
+"""``python -m bevnext`` runs the ``bevnext`` command."""
+
+import sys
+
+from bevnext.cli import main
+
+sys.exit(main())

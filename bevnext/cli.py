@@ -1,0 +1,168 @@
+"""The ``bevnext`` command: one entry point with a subcommand per task.
+
+Each subcommand parses its own flags here and calls one function of the package, imported lazily so
+that ``bevnext --help`` stays fast and a missing optional dependency only affects the subcommand
+that needs it. A ``BevnextError`` (bad input, missing file, unavailable device) is printed as one
+``error: ...`` line with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from bevnext import __version__
+from bevnext.errors import BevnextError
+
+_PENDING = {
+    "demo": "the end-to-end demo (synthetic scenes -> stage 1 -> stage 2 -> eval) arrives with the training issue",
+    "train": "training arrives with the model and training issues",
+    "eval": "model evaluation arrives with the model and training issues",
+}
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic dataset in the exact nuScenes on-disk format",
+        description="Render synthetic driving scenes (6 cameras, LiDAR, annotated moving objects) into a folder "
+        "laid out exactly like nuScenes (version v1.0-synth, splits synth_train / synth_val).",
+    )
+    p.add_argument("--out", required=True, type=Path, help="data root to create (must not exist or be empty)")
+    p.add_argument("--scenes", type=int, default=4, help="number of scenes (default 4)")
+    p.add_argument("--samples-per-scene", type=int, default=10, help="key frames per scene, 2 Hz (default 10)")
+    p.add_argument(
+        "--image-size", type=int, nargs=2, default=(1600, 900), metavar=("W", "H"), help="default 1600 900"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed; the output is deterministic for a seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_create_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "create-data",
+        help="turn a nuScenes-format dataset into bevnext info files",
+        description="Read nuScenes tables (v1.0-trainval, v1.0-mini, v1.0-test, or any version with a "
+        "splits.json) and write one info file per split next to the data: bevnext_infos_<split>.json.",
+    )
+    p.add_argument("--data-root", required=True, type=Path, help="e.g. data/nuscenes")
+    p.add_argument("--version", required=True, help="e.g. v1.0-trainval, v1.0-mini, v1.0-synth")
+    p.add_argument("--skip-missing", action="store_true", help="report and skip samples with missing/corrupt files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_check_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-data",
+        help="push ground truth through the results path into the official nuScenes evaluation",
+        description="Convert the info files' ground truth with the same code that formats model outputs, run "
+        "the official devkit DetectionEval, print 'mAP: x' / 'NDS: y', and draw one sample's boxes.",
+    )
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--version", required=True)
+    p.add_argument("--split", default=None, help="default: the version's validation split")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: DATA_ROOT/check_data/SPLIT")
+
+
+def _add_pending(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help=f"(not yet available) {_PENDING[name]}", description=_PENDING[name])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/ (e.g. 'bevnext bench synth')",
+        description="Run bench/NAME.py from the source checkout; each prints its ratio against a baseline "
+        "measured in the same run. Available: " + ", ".join(_bench_names()) + ".",
+    )
+    p.add_argument("name", help="benchmark name: " + ", ".join(_bench_names()))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+
+def _bench_dir() -> Path:
+    # Benchmarks live next to the package in the source checkout (pip install -e .).
+    return Path(__file__).resolve().parent.parent / "bench"
+
+
+def _bench_names() -> list[str]:
+    folder = _bench_dir()
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")) if folder.is_dir() else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bevnext`` command."""
+    parser = argparse.ArgumentParser(
+        prog="bevnext", description="BEVNeXt for PyTorch: camera-only 3D detection on nuScenes (NPU, GPU, CPU)."
+    )
+    parser.add_argument("--version", action="version", version=f"bevnext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_pending(sub, "demo")
+    _add_synth(sub)
+    _add_create_data(sub)
+    _add_check_data(sub)
+    _add_pending(sub, "train")
+    _add_pending(sub, "eval")
+    _add_bench(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in _PENDING:
+        print(f"bevnext {args.command}: not available yet — {_PENDING[args.command]}.", file=sys.stderr)
+        return 2
+    if args.command == "synth":
+        from bevnext.data.synth import generate_dataset
+
+        root = generate_dataset(
+            args.out,
+            scenes=args.scenes,
+            samples_per_scene=args.samples_per_scene,
+            image_size=tuple(args.image_size),
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        print(f"wrote synthetic nuScenes dataset (version v1.0-synth) to {root}")
+        return 0
+    if args.command == "create-data":
+        from bevnext.data.infos import create_infos
+
+        for path in create_infos(args.data_root, args.version, skip_missing=args.skip_missing,
+                                 progress=not args.no_progress):
+            print(f"wrote {path}")
+        return 0
+    if args.command == "check-data":
+        from bevnext.eval.check_data import check_data
+
+        check_data(args.data_root, args.version, split=args.split, out_dir=args.out_dir)
+        return 0
+    if args.command == "bench":
+        script = _bench_dir() / f"{args.name}.py"
+        if not script.is_file():
+            raise BevnextError(
+                f"no benchmark {args.name!r} in {_bench_dir()} (available: {', '.join(_bench_names()) or 'none'}); "
+                "benchmarks run from a source checkout"
+            )
+        module = runpy.run_path(str(script), run_name="bevnext_bench")
+        return int(module["main"](args.args) or 0)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bevnext`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BevnextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

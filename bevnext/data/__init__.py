@@ -1,0 +1,1 @@
+"""Data: synthetic nuScenes generator, info files, datasets."""

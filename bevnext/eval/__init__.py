@@ -1,0 +1,1 @@
+"""Evaluation: nuScenes result formatting, the official evaluation, visualisation."""

@@ -1,0 +1,1 @@
+"""Model modules and the detector — filled by the model issue."""
