@@ -1,1 +1,5 @@
-"""Typed dataclass configs (stage 1, stage 2, tiny) with key=value overrides — filled by the model issue."""
+"""Typed dataclass configs with ``key=value`` overrides (the stage configs arrive with the model)."""
+
+from bevnext.config.overrides import apply_overrides, config_to_dict
+
+__all__ = ["apply_overrides", "config_to_dict"]

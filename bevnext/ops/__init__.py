@@ -1,1 +1,5 @@
-"""Operators: a pure-PyTorch reference each, with optional NPU / CUDA fast paths — filled by the model issue."""
+"""Operators: each a typed function with a pure-PyTorch reference and optional device fast paths.
+
+See ``bevnext.ops._dispatch`` for how a fast path is chosen; ``BEVNEXT_OPS=reference`` forces the
+reference implementation everywhere.
+"""
