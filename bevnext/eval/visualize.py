@@ -227,7 +227,7 @@ def _draw_camera(
         with Image.open(path) as img:
             panel = img.convert("RGB")
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read camera image {path}: {err}") from err
+        raise DataError(f"{path}: cannot decode camera image (expected a readable JPEG): {err}") from err
     full_w, full_h = panel.size
     panel = panel.resize(size, Image.BILINEAR)
     sx, sy = size[0] / full_w, size[1] / full_h
