@@ -48,6 +48,7 @@ from bevnext.data.files import jpeg_problem, lidar_bin_problem
 from bevnext.errors import DataError
 from bevnext.io import atomic_write_json
 from bevnext.structures.boxes import CATEGORY_TO_CLASS, CLASSES, global_boxes_to_ego
+from bevnext.structures.sensors import CAMERAS, KEY_CAMERA, LIDAR
 from bevnext.structures.transforms import RigidTransform
 
 logger = logging.getLogger(__name__)
@@ -57,19 +58,7 @@ INFO_FORMAT = "bevnext-infos"
 INFO_FORMAT_VERSION = 1
 """Layout version; bumped whenever the info layout changes, so stale files are rejected by ``load_infos``."""
 
-LIDAR = "LIDAR_TOP"
-"""The LiDAR channel whose key sample_data defines a sample's timestamp."""
-CAMERAS: tuple[str, ...] = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_FRONT_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_BACK_RIGHT",
-)
-"""Camera channels in the reference's order; ``cams`` of an info keeps this order."""
-KEY_CAMERA = "CAM_FRONT"
-"""The camera whose ego pose defines the key frame of a sample (``reference/bevnext-model.md`` §1.1)."""
+
 
 TABLE_FIELDS: dict[str, tuple[str, ...]] = {
     "attribute": ("token", "name"),

@@ -17,17 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bevnext.structures.sensors import CAMERAS
 from bevnext.structures.transforms import RigidTransform, quat_to_rotmat, rotmat_to_quat, yaw_rotmat
 
-CAMERA_CHANNELS: tuple[str, ...] = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_FRONT_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_BACK_RIGHT",
-)
-"""Camera channels in nuScenes order."""
+CAMERA_CHANNELS = CAMERAS
 
 LIDAR_CHANNEL = "LIDAR_TOP"
 """The one LiDAR channel."""

@@ -1,0 +1,133 @@
+"""The model's configuration: every architecture number of the reference, as one typed dataclass.
+
+``build_model(cfg)`` (``bevnext.models.detector``) is the only place that reads it; modules take
+explicit constructor arguments. Stage presets live in ``bevnext.config.stages``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bevnext.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """BEVNeXt architecture.
+
+    Attributes (frames: the BEV grid is in the key frame, x forward, y left, z up, metres):
+        context_channels: C, the BEV feature width (``numC_Trans``: 80 stage 1, 160 stage 2).
+        num_frames: key frame + previous key frames fed to the BEV encoder (1 stage 1, 9 stage 2).
+        backbone_depth: image ResNet depth (50; 18 for tiny test configs).
+        backbone_with_cp: activation checkpointing in the image backbone (reference: on).
+        pretrained: ``"auto"`` = ImageNet weights from the torch hub cache when present, a path, or None.
+        require_pretrained: make missing pretrained weights an error instead of a warning.
+        image_neck_channels: output width of the single-level image FPN (512).
+        input_size: network input (H, W) of every camera image.
+        downsample: image feature stride (8).
+        point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) of the BEV grid.
+        bev_cell: (dx, dy, dz) BEV voxel size; z collapses into one cell in the reference.
+        depth_range: (start, stop, step) of the depth bins in metres (118 bins for (1, 60, 0.5)).
+        depth_mid_channels: DepthNet width (256).
+        depth_with_cp: activation checkpointing of the DepthNet depth branch (reference: on).
+        use_dcn: deformable conv in the DepthNet context branch.
+        crf_iters / crf_zeta / crf_init_weight: mean-field depth refinement settings.
+        truncate_voxel_index: reproduce the reference's truncation-toward-zero voxel indexing
+            (points up to one cell below the lower bound land in cell 0); False uses floor.
+        bev_encoder: ``"resnet"`` (stage 1) or ``"res2fusion"`` (stage 2).
+        bev_channels: the three BEV encoder stage widths.
+        bev_neck_channels: FPN_LSS output width (256).
+        head_channels: task-head conv width (64).
+        refine_heads / refine_points / refine_pillar_z: perspective refinement attention settings.
+        code_weights: per-component L1 weights [x, y, z, l, w, h, sin, cos, vx, vy].
+        reg_loss_weight / depth_loss_weight: loss weights (0.25 and 3.0).
+        score_threshold / post_max_size / pre_max_size / topk: decoding settings.
+    """
+
+    context_channels: int = 80
+    num_frames: int = 1
+    backbone_depth: int = 50
+    backbone_with_cp: bool = True
+    pretrained: str | None = "auto"
+    require_pretrained: bool = False
+    image_neck_channels: int = 512
+    input_size: tuple[int, int] = (256, 704)
+    downsample: int = 8
+    point_cloud_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    bev_cell: tuple[float, float, float] = (0.8, 0.8, 8.0)
+    depth_range: tuple[float, float, float] = (1.0, 60.0, 0.5)
+    depth_mid_channels: int = 256
+    depth_with_cp: bool = True
+    use_dcn: bool = True
+    crf_iters: int = 20
+    crf_zeta: float = 0.001
+    crf_init_weight: float = 0.015
+    truncate_voxel_index: bool = True
+    bev_encoder: str = "resnet"
+    bev_channels: tuple[int, int, int] = (160, 320, 640)
+    bev_neck_channels: int = 256
+    head_channels: int = 64
+    refine_heads: int = 8
+    refine_points: int = 8
+    refine_pillar_z: tuple[float, float, float] = (-5.0, 3.0, 1.0)
+    code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    reg_loss_weight: float = 0.25
+    depth_loss_weight: float = 3.0
+    score_threshold: float = 0.1
+    pre_max_size: int = 1000
+    post_max_size: int = 83
+    topk: int = 500
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """(X, Y, Z) BEV cells; raises ConfigError when the range is not a whole number of cells."""
+        cells = []
+        for axis, name in enumerate("xyz"):
+            extent = self.point_cloud_range[axis + 3] - self.point_cloud_range[axis]
+            n = extent / self.bev_cell[axis]
+            if extent <= 0 or abs(n - round(n)) > 1e-6 or round(n) < 1:
+                raise ConfigError(
+                    f"model.point_cloud_range / model.bev_cell: the {name} extent {extent:g} m is not a positive "
+                    f"whole number of {self.bev_cell[axis]:g} m cells"
+                )
+            cells.append(int(round(n)))
+        return cells[0], cells[1], cells[2]
+
+    @property
+    def num_depth_bins(self) -> int:
+        """Number of depth bins D; raises ConfigError when the range yields none."""
+        start, stop, step = self.depth_range
+        if step <= 0 or stop <= start:
+            raise ConfigError(f"model.depth_range={self.depth_range}: expected (start, stop, step) with stop > start, "
+                              "step > 0")
+        n = int(round((stop - start) / step))
+        if abs((stop - start) / step - n) > 1e-6:
+            raise ConfigError(f"model.depth_range={self.depth_range}: (stop - start) is not a multiple of step")
+        return n
+
+    def validate(self) -> None:
+        """Check every value that would otherwise fail deep inside a module; names the key."""
+        _ = self.grid_size, self.num_depth_bins
+        h, w = self.input_size
+        if h % self.downsample or w % self.downsample:
+            raise ConfigError(f"model.input_size={self.input_size} is not divisible by model.downsample="
+                              f"{self.downsample}")
+        if self.context_channels <= 0 or self.context_channels % self.refine_heads:
+            raise ConfigError(f"model.context_channels={self.context_channels} must be a positive multiple of "
+                              f"model.refine_heads={self.refine_heads}")
+        if self.context_channels % 2:
+            raise ConfigError(f"model.context_channels={self.context_channels} must be even (positional encoding "
+                              "splits it into row and column halves)")
+        if self.num_frames < 1:
+            raise ConfigError(f"model.num_frames={self.num_frames} must be >= 1")
+        if self.bev_encoder not in ("resnet", "res2fusion"):
+            raise ConfigError(f"model.bev_encoder={self.bev_encoder!r}: expected 'resnet' or 'res2fusion'")
+        if self.bev_encoder == "res2fusion" and self.num_frames % 3:
+            raise ConfigError(f"model.num_frames={self.num_frames}: the res2fusion encoder fuses frames in 3 groups, "
+                              "so num_frames must be a multiple of 3")
+        if len(self.code_weights) != 10:
+            raise ConfigError(f"model.code_weights has {len(self.code_weights)} values, expected 10")
+        if self.backbone_depth not in (18, 34, 50, 101):
+            raise ConfigError(f"model.backbone_depth={self.backbone_depth}: expected 18, 34, 50 or 101")
+        if self.crf_iters < 0:
+            raise ConfigError(f"model.crf_iters={self.crf_iters} must be >= 0")

@@ -1,0 +1,71 @@
+"""Model presets: the reference's two stages and tiny CPU configs built from the same modules.
+
+Deliberate differences from the reference are listed in each preset's docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bevnext.config.model import ModelConfig
+
+
+def stage1() -> ModelConfig:
+    """BEVNeXt stage 1 (reference ``bevnext-stage1.py``): single frame, C = 80, BEV ResNet encoder.
+
+    Velocity is down-weighted (code weights 0.2) because a single frame carries no motion.
+    Deliberate differences from the reference: none in the architecture (see ``ModelConfig`` flags:
+    voxel truncation and the history-CRF colour quirk are kept by default).
+    """
+    return ModelConfig()
+
+
+def stage2() -> ModelConfig:
+    """BEVNeXt stage 2 (reference ``bevnext-stage2.py``): 9 frames, C = 160, Res2Fusion encoder.
+
+    Initialised from stage 1's ``epoch_2_ema.pth`` by shape-matching weights. Velocity code weights
+    are 1.0. Deliberate differences from the reference: none in the architecture.
+    """
+    return dataclasses.replace(
+        ModelConfig(),
+        context_channels=160,
+        num_frames=9,
+        bev_encoder="res2fusion",
+        bev_channels=(320, 640, 1280),
+        code_weights=(1.0,) * 10,
+    )
+
+
+def tiny(stage: int = 1) -> ModelConfig:
+    """A CPU-sized model from the same modules, for tests and the demo.
+
+    ResNet-18 without pretrained weights, 64x176 input, 8 depth bins (5 m each from 1 m), a 32x32
+    BEV grid of 3.2 m cells, C = 16, 4 CRF iterations, no activation checkpointing; stage 2 uses
+    3 frames (one per fusion group).
+    """
+    base = dataclasses.replace(
+        ModelConfig(),
+        context_channels=16,
+        backbone_depth=18,
+        backbone_with_cp=False,
+        pretrained=None,
+        image_neck_channels=64,
+        input_size=(64, 176),
+        bev_cell=(3.2, 3.2, 8.0),
+        depth_range=(1.0, 41.0, 5.0),
+        depth_mid_channels=32,
+        depth_with_cp=False,
+        crf_iters=4,
+        bev_channels=(32, 64, 128),
+        bev_neck_channels=32,
+        head_channels=16,
+    )
+    if stage == 1:
+        return base
+    if stage == 2:
+        return dataclasses.replace(base, num_frames=3, bev_encoder="res2fusion", code_weights=(1.0,) * 10)
+    raise ValueError(f"tiny(stage={stage}): stage must be 1 or 2")
+
+
+PRESETS = {"stage1": stage1, "stage2": stage2, "tiny-stage1": lambda: tiny(1), "tiny-stage2": lambda: tiny(2)}
+"""Model presets by name."""
