@@ -89,7 +89,10 @@ def _bench_dir() -> Path:
 
 def _bench_names() -> list[str]:
     folder = _bench_dir()
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    # Scripts are bench/<name_with_underscores>.py; the command takes the hyphenated name.
+    return sorted(p.stem.replace("_", "-") for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         check_data(args.data_root, args.version, split=args.split, out_dir=args.out_dir)
         return 0
     if args.command == "bench":
-        script = _bench_dir() / f"{args.name}.py"
+        script = _bench_dir() / f"{args.name.replace('-', '_')}.py"
         if not script.is_file():
             raise BevnextError(
                 f"no benchmark {args.name!r} in {_bench_dir()} (available: {', '.join(_bench_names()) or 'none'}); "
