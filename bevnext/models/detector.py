@@ -1,0 +1,238 @@
+"""The BEVNeXt detector: composition of the modules, and ``build_model`` from a ``ModelConfig``.
+
+Data flow for a batch (reference §2.1; shapes at the real size, C = 80 stage 1 / 160 stage 2):
+images (B, F, N, 3, 256, 704) -> per frame f: ResNet -> CustomFPN (B*N, 512, 32, 88) -> DepthNet + CRF +
+lift-splat (B, C, 128, 128) -> pre_process_net; the key frame (f = 0) with gradients, history frames
+without (model still in train mode, as the reference) -> concatenated (B, C*F, 128, 128) -> BEV encoder ->
+FPN_LSS (B, 256, 128, 128) -> proposal heatmaps; key-frame context + depth embedding -> perspective
+refinement (B, C, 128, 128) -> regression head. All outputs are in the key frame (see ``bevnext.data.batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from bevnext.config.model import ModelConfig
+from bevnext.data.batch import Batch
+from bevnext.models.backbone import ResNetBackbone
+from bevnext.models.bev_encoder import FPNLSS, BEVResNet
+from bevnext.models.decode import decode_boxes
+from bevnext.models.heads import CenterHeadProposal, CenterHeadReg
+from bevnext.models.image_neck import CustomFPN
+from bevnext.models.refinement import PerspectiveRefinement, make_depth_embedding
+from bevnext.models.res2fusion import Res2Fusion
+from bevnext.models.targets import TASKS, TargetBuilder
+from bevnext.models.view_transform import LSSViewTransformer
+
+Detections = tuple[Tensor, Tensor, Tensor]
+"""Per sample: boxes (K, 9) key frame ``[x, y, z, l, w, h, yaw, vx, vy]`` (gravity centre), scores (K,),
+labels (K,) indices into ``bevnext.structures.CLASSES``."""
+
+# The reference's head voxel: 0.1 m cells with an 8x output stride give the 0.8 m BEV cell.
+_HEAD_STRIDE = 8
+
+
+class BEVNeXt(nn.Module):
+    """BEVNeXt (reference ``mmdet3d/models/detectors/bevnext.py``), composed from explicit modules.
+
+    The child modules are registered under the reference's names and in its order, so the state dict
+    has the reference's keys and a reference checkpoint loads directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        pts_bbox_head: CenterHeadReg,
+        img_backbone: ResNetBackbone,
+        img_neck: CustomFPN,
+        img_view_transformer: LSSViewTransformer,
+        img_bev_encoder_backbone: nn.Module,
+        img_bev_encoder_neck: FPNLSS,
+        pre_process_net: BEVResNet,
+        transformer_neck: PerspectiveRefinement,
+        proposal_head: CenterHeadProposal,
+        depth_emb: nn.Module,
+        target_builder: TargetBuilder,
+        num_frames: int,
+        decode_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.pts_bbox_head = pts_bbox_head
+        self.img_backbone = img_backbone
+        self.img_neck = img_neck
+        self.img_view_transformer = img_view_transformer
+        self.img_bev_encoder_backbone = img_bev_encoder_backbone
+        self.img_bev_encoder_neck = img_bev_encoder_neck
+        self.pre_process_net = pre_process_net
+        self.transformer_neck = transformer_neck
+        self.proposal_head = proposal_head
+        self.depth_emb = depth_emb
+        self.target_builder = target_builder
+        self.num_frames = num_frames
+        self.decode_kwargs = dict(decode_kwargs or {})
+
+    def _frame_bev(self, batch: Batch, f: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One frame to BEV: (bev (B, C, Y, X), depth_prob (B*N, D, h, w), context (B*N, C, h, w))."""
+        images = batch.images[:, f].flatten(0, 1)  # (B*N, 3, H, W)
+        feat = self.img_neck(self.img_backbone(images))
+        bev, depth, context = self.img_view_transformer(
+            feat,
+            batch.cam2key_rot[:, f],
+            batch.cam2key_trans[:, f],
+            batch.intrinsics[:, f],
+            batch.post_rot[:, f],
+            batch.post_trans[:, f],
+            batch.bda,
+            batch.canvas,  # the reference's CRF uses the key frame's colours for every frame
+            # The reference builds every frame's camera-aware depth input from the key frame's extrinsics.
+            mlp_cam2key_rot=batch.cam2key_rot[:, 0],
+            mlp_cam2key_trans=batch.cam2key_trans[:, 0],
+        )
+        bev = self.pre_process_net(bev)[0]
+        return bev, depth, context
+
+    def forward_features(self, batch: Batch) -> dict[str, object]:
+        """Everything up to the heads.
+
+        Returns:
+            dict with ``proposals`` (per task ``{"heatmap": (B, k, Y, X)}`` logits), ``regression`` (per task
+            box maps, see ``CenterHeadReg``) and ``depth`` (B*N, D, h, w) key-frame depth probabilities.
+        """
+        if batch.num_frames != self.num_frames:
+            raise ValueError(f"batch has {batch.num_frames} frames, the model was built for {self.num_frames}")
+        key_bev, key_depth, key_context = self._frame_bev(batch, 0)
+        bevs = [key_bev]
+        # History frames: no gradients, but the model stays in its mode (BN uses batch statistics in
+        # training), exactly as the reference's sliding window.
+        with torch.no_grad():
+            for f in range(1, self.num_frames):
+                bevs.append(self._frame_bev(batch, f)[0])
+        x = self.img_bev_encoder_neck(self.img_bev_encoder_backbone(torch.cat(bevs, dim=1)))
+        proposals = self.proposal_head(x)
+        bn = key_context.shape[0]
+        feats_2d = key_context + self.depth_emb(key_depth.detach())  # depth embedding without depth gradients
+        feats_2d = feats_2d.view(batch.batch_size, bn // batch.batch_size, *feats_2d.shape[1:])
+        refined = self.transformer_neck(
+            x,
+            feats_2d,
+            batch.cam2key_rot[:, 0],
+            batch.cam2key_trans[:, 0],
+            batch.intrinsics[:, 0],
+            batch.post_rot[:, 0],
+            batch.post_trans[:, 0],
+            batch.bda,
+        )
+        regression = self.pts_bbox_head(refined)
+        return {"proposals": proposals, "regression": regression, "depth": key_depth}
+
+    def loss(self, batch: Batch, reduce_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """Training losses (a flat dict of 0-d tensors; their sum is the training objective).
+
+        Args:
+            batch: a training batch with ``gt_depth``, ``gt_boxes`` and ``gt_labels``.
+            reduce_fn: averages normaliser counts over processes in distributed training.
+        """
+        if batch.gt_depth is None:
+            raise ValueError("training needs batch.gt_depth (sparse LiDAR depth); got None")
+        out = self.forward_features(batch)
+        targets = self.target_builder(batch.gt_boxes, batch.gt_labels)
+        losses = {"loss_depth": self.img_view_transformer.depth_loss(batch.gt_depth, out["depth"])}
+        losses.update(self.proposal_head.loss(out["proposals"], targets, reduce_fn=reduce_fn))
+        losses.update(self.pts_bbox_head.loss(out["regression"], targets, reduce_fn=reduce_fn))
+        return losses
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Detections]:
+        """Detections per sample in the key frame (BEV augmentation, if any, not undone)."""
+        out = self.forward_features(batch)
+        heatmaps = [p["heatmap"].float().sigmoid() for p in out["proposals"]]
+        regression = [{k: v.float() for k, v in r.items()} for r in out["regression"]]
+        return decode_boxes(heatmaps, regression, **self.decode_kwargs)
+
+
+def build_model(cfg: ModelConfig) -> BEVNeXt:
+    """Translate a ``ModelConfig`` into constructor arguments — the one place that reads the config.
+
+    Raises:
+        ConfigError: a value out of range, naming its ``model.*`` key.
+    """
+    cfg.validate()
+    c = cfg.context_channels
+    grid_x, grid_y, grid_z = cfg.grid_size
+    lower = cfg.point_cloud_range[:3]
+    depth_bins = cfg.num_depth_bins
+    backbone = ResNetBackbone(
+        depth=cfg.backbone_depth,
+        out_indices=(1, 2, 3),
+        with_cp=cfg.backbone_with_cp,
+        pretrained=cfg.pretrained,
+        require_pretrained=cfg.require_pretrained,
+    )
+    view = LSSViewTransformer(
+        in_channels=cfg.image_neck_channels,
+        context_channels=c,
+        input_size=cfg.input_size,
+        downsample=cfg.downsample,
+        grid_lower=lower,
+        grid_interval=cfg.bev_cell,
+        grid_size=(grid_x, grid_y, grid_z),
+        depth_range=cfg.depth_range,
+        crf_iters=cfg.crf_iters,
+        crf_zeta=cfg.crf_zeta,
+        truncate_voxel_index=cfg.truncate_voxel_index,
+        use_dcn=cfg.use_dcn,
+        with_cp=cfg.depth_with_cp,
+        depth_loss_weight=cfg.depth_loss_weight,
+        mid_channels=cfg.depth_mid_channels,
+    )
+    bev_in = c * grid_z
+    if cfg.bev_encoder == "resnet":
+        bev_backbone: nn.Module = BEVResNet(bev_in * cfg.num_frames, [2, 2, 2], [2, 2, 2], list(cfg.bev_channels))
+    else:
+        bev_backbone = Res2Fusion(in_channels=bev_in, num_frames=cfg.num_frames, channels=cfg.bev_channels)
+    ch = cfg.bev_channels
+    voxel = (cfg.bev_cell[0] / _HEAD_STRIDE, cfg.bev_cell[1] / _HEAD_STRIDE)
+    targets = TargetBuilder(
+        tasks=TASKS,
+        point_cloud_range=cfg.point_cloud_range,
+        voxel_size=voxel,
+        out_size_factor=_HEAD_STRIDE,
+    )
+    return BEVNeXt(
+        pts_bbox_head=CenterHeadReg(
+            c, TASKS, head_channels=cfg.head_channels, code_weights=cfg.code_weights, loss_weight=cfg.reg_loss_weight
+        ),
+        img_backbone=backbone,
+        img_neck=CustomFPN(backbone.out_channels, cfg.image_neck_channels),
+        img_view_transformer=view,
+        img_bev_encoder_backbone=bev_backbone,
+        img_bev_encoder_neck=FPNLSS(ch[0] + ch[2], cfg.bev_neck_channels),
+        pre_process_net=BEVResNet(bev_in, [2], [1], [bev_in]),
+        transformer_neck=PerspectiveRefinement(
+            c,
+            in_channels=cfg.bev_neck_channels,
+            bev_shape=(grid_y, grid_x),
+            grid_lower=lower[:2],
+            grid_interval=cfg.bev_cell[:2],
+            pillar_z=cfg.refine_pillar_z,
+            num_heads=cfg.refine_heads,
+            num_points=cfg.refine_points,
+            image_size=cfg.input_size,
+        ),
+        proposal_head=CenterHeadProposal(cfg.bev_neck_channels, TASKS, head_channels=cfg.head_channels),
+        depth_emb=make_depth_embedding(depth_bins, c),
+        target_builder=targets,
+        num_frames=cfg.num_frames,
+        decode_kwargs={
+            "point_cloud_range": cfg.point_cloud_range,
+            "voxel_size": voxel,
+            "out_size_factor": _HEAD_STRIDE,
+            "score_threshold": cfg.score_threshold,
+            "topk": cfg.topk,
+            "pre_max_size": cfg.pre_max_size,
+            "post_max_size": cfg.post_max_size,
+        },
+    )

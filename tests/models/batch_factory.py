@@ -1,0 +1,72 @@
+"""Synthetic batches with a real camera rig for model tests (no data files needed)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bevnext.config.model import ModelConfig
+from bevnext.data.batch import Batch
+
+# nuScenes-like ring: yaw of each camera's optical axis about +z (CAM_FRONT, FRONT_RIGHT, FRONT_LEFT,
+# BACK, BACK_LEFT, BACK_RIGHT), degrees.
+_YAWS = (0.0, -55.0, 55.0, 180.0, 110.0, -110.0)
+
+
+def _cam2ego(yaw_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # Optical frame (x right, y down, z forward) -> ego (x forward, y left, z up), then yaw about +z.
+    optical_to_ego = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    a = math.radians(yaw_deg)
+    yaw = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    rot = yaw @ optical_to_ego
+    trans = torch.tensor([1.0 * math.cos(a), 1.0 * math.sin(a), 1.6])
+    return rot, trans
+
+
+def random_batch(cfg: ModelConfig, batch_size: int = 1, num_boxes: int = 4, seed: int = 0) -> Batch:
+    """A batch shaped for ``cfg`` with a nuScenes-like 6-camera rig, random images and boxes.
+
+    Intrinsics are those of a 1600x900 camera scaled so the input image is the resized, bottom-cropped
+    view, as the test pipeline produces it; history frames share the key frame's geometry, shifted 1 m back per
+    frame (the ego moving forward).
+    """
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.input_size
+    n, f = 6, cfg.num_frames
+    scale = w / 1600.0
+    k = torch.tensor([[1266.0 * scale, 0.0, 800.0 * scale], [0.0, 1266.0 * scale, 450.0 * scale], [0.0, 0.0, 1.0]])
+    post_rot = torch.eye(3)
+    post_trans = torch.tensor([0.0, -(900.0 * scale - h), 0.0])  # bottom crop
+    rots, trans = zip(*(_cam2ego(y) for y in _YAWS))
+    rot = torch.stack(rots)[None, None].expand(batch_size, f, n, 3, 3).clone()
+    tr = torch.stack(trans)[None, None].expand(batch_size, f, n, 3).clone()
+    tr[..., 0] -= torch.arange(f, dtype=torch.float32)[None, :, None]
+    x_max = cfg.point_cloud_range[3] * 0.8
+    gt_boxes, gt_labels = [], []
+    for _ in range(batch_size):
+        xy = (torch.rand(num_boxes, 2, generator=g) * 2 - 1) * x_max
+        # z and sizes bounded away from the untrained head's near-zero outputs, so L1 gradients of a branch
+        # cannot cancel exactly over objects (a tiny test artefact, not a model property).
+        z = torch.rand(num_boxes, 1, generator=g) + 0.5
+        lwh = torch.rand(num_boxes, 3, generator=g) * 3 + 1.5
+        yaw = (torch.rand(num_boxes, 1, generator=g) * 2 - 1) * math.pi
+        vel = torch.randn(num_boxes, 2, generator=g)
+        gt_boxes.append(torch.cat([xy, z, lwh, yaw, vel], dim=1))
+        gt_labels.append(torch.randint(0, 10, (num_boxes,), generator=g))
+    gt_depth = torch.rand(batch_size, n, h, w, generator=g) * 70.0
+    gt_depth[torch.rand(batch_size, n, h, w, generator=g) > 0.05] = 0.0  # sparse, some out of range
+    return Batch(
+        images=torch.randn(batch_size, f, n, 3, h, w, generator=g),
+        cam2key_rot=rot,
+        cam2key_trans=tr,
+        intrinsics=k[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
+        post_rot=post_rot[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
+        post_trans=post_trans[None, None, None].expand(batch_size, f, n, 3).clone(),
+        bda=torch.eye(3)[None].expand(batch_size, 3, 3).clone(),
+        canvas=torch.randint(0, 256, (batch_size, n, h, w, 3), generator=g, dtype=torch.uint8),
+        gt_depth=gt_depth,
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        metas=[{"token": f"sample-{i}"} for i in range(batch_size)],
+    )
