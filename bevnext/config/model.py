@@ -115,6 +115,11 @@ class ModelConfig:
         if self.context_channels <= 0 or self.context_channels % self.refine_heads:
             raise ConfigError(f"model.context_channels={self.context_channels} must be a positive multiple of "
                               f"model.refine_heads={self.refine_heads}")
+        if self.context_channels % 8 or self.context_channels > 360:
+            # mx_driving's bev_pool_v3 (the NPU splat) takes C as a multiple of 8, at most 360; failing here keeps
+            # a config from training on one device and not on another.
+            raise ConfigError(f"model.context_channels={self.context_channels} must be a multiple of 8 and at most "
+                              "360 (the NPU bev_pool_v3 kernel's limits)")
         if self.context_channels % 2:
             raise ConfigError(f"model.context_channels={self.context_channels} must be even (positional encoding "
                               "splits it into row and column halves)")

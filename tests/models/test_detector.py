@@ -107,6 +107,7 @@ def test_history_frames_get_no_gradient_path():
         ({"depth_range": (5.0, 1.0, 0.5)}, "model.depth_range"),
         ({"input_size": (250, 704)}, "model.input_size"),
         ({"context_channels": 84}, "model.context_channels"),
+        ({"context_channels": 368}, "model.context_channels=368 must be a multiple of 8 and at most 360"),
         ({"num_frames": 4, "bev_encoder": "res2fusion"}, "model.num_frames"),
     ],
 )
