@@ -1,53 +1,23 @@
 """Image backbone (ResNet) and image neck (CustomFPN): reference state-dict layout, shapes, checkpointing,
 pretrained-weight loading, and the FPN against a functional oracle.
 
-The state-dict checks read ``reference-stage{1,2}-state-dict.tsv`` from ``$BEVNEXT_REFERENCE_DIR``,
-``tests/models/reference``, the shared workspace copy or a ``shared/reference`` folder in / beside the checkout;
-they are skipped when none exists.
+The state-dict checks compare against ``tests/models/reference/reference-stage{1,2}-state-dict.tsv``
+(read through ``reference_layout``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_layout import reference_rows, state_rows
 from torch import nn
 
 from bevnext.errors import ConfigError
 from bevnext.models.backbone import ResNetBackbone, checkpoint_module, pretrained_weights_path
 from bevnext.models.image_neck import CustomFPN
-
-_REFERENCE_CANDIDATES = [
-    os.environ.get("BEVNEXT_REFERENCE_DIR", ""),
-    str(Path(__file__).resolve().parent / "reference"),
-    "/work/shared/reference",
-    str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
-    str(Path(__file__).resolve().parents[3] / "shared" / "reference"),
-]
-
-
-def reference_rows(stage: int, prefix: str) -> list[tuple[str, list[int], str]]:
-    """(name without prefix, shape, dtype) of the reference state-dict rows under ``prefix``, in order."""
-    name = f"reference-stage{stage}-state-dict.tsv"
-    found = [Path(d) / name for d in _REFERENCE_CANDIDATES if d and (Path(d) / name).is_file()]
-    if not found:
-        pytest.skip(f"{name} not found (set BEVNEXT_REFERENCE_DIR)")
-    rows = []
-    for line in found[0].read_text().splitlines()[1:]:
-        key, shape, _numel, dtype = line.split("\t")
-        if key.startswith(prefix):
-            rows.append((key[len(prefix) :], json.loads(shape), dtype))
-    assert rows, f"no reference rows under {prefix}"
-    return rows
-
-
-def state_rows(module: nn.Module) -> list[tuple[str, list[int], str]]:
-    return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()]
 
 
 def num_params(module: nn.Module) -> int:

@@ -1,53 +1,21 @@
 """BEV-side networks: reference state-dict layout, shapes at the real BEV size, and behaviour against oracles.
 
-The state-dict checks read the reference name/shape lists (``reference-stage{1,2}-state-dict.tsv``) from
-``$BEVNEXT_REFERENCE_DIR`` or a ``shared/reference`` folder in / beside the checkout; they are skipped when
-neither exists. The oracles below are written out with functional ops, independently of the modules' code.
+The state-dict checks compare against the reference name/shape/dtype lists in ``tests/models/reference``
+(read through ``reference_layout``). The oracles below are written out with functional ops, independently of the
+modules' code.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_layout import reference_rows, state_rows
 from torch import Tensor, nn
 
 from bevnext.errors import ConfigError
 from bevnext.models.bev_encoder import FPNLSS, BEVResNet, Res2Fusion
 from bevnext.models.res2fusion import Bottle2neck, FusionLayer, Res2Layer
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _reference_dir() -> Path | None:
-    candidates = [ROOT / "shared" / "reference", ROOT.parent / "shared" / "reference"]
-    if os.environ.get("BEVNEXT_REFERENCE_DIR"):
-        candidates.insert(0, Path(os.environ["BEVNEXT_REFERENCE_DIR"]))
-    for path in candidates:
-        if (path / "reference-stage1-state-dict.tsv").is_file():
-            return path
-    return None
-
-
-def _tsv_rows(stage: int, prefix: str) -> list[tuple[str, list[int], str]]:
-    ref = _reference_dir()
-    if ref is None:
-        pytest.skip("reference state-dict TSVs not found (set BEVNEXT_REFERENCE_DIR)")
-    rows = []
-    lines = (ref / f"reference-stage{stage}-state-dict.tsv").read_text().splitlines()
-    for line in lines[1:]:
-        name, shape, _numel, dtype = line.split("\t")
-        if name.startswith(prefix):
-            rows.append((name[len(prefix) :], [int(s) for s in shape.strip("[]").split(",") if s], dtype))
-    assert rows, f"no TSV rows with prefix {prefix}"
-    return rows
-
-
-def _state_rows(module: nn.Module) -> list[tuple[str, list[int], str]]:
-    return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()]
 
 
 def _numel(module: nn.Module) -> int:
@@ -87,20 +55,20 @@ def _bn(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
 @pytest.mark.parametrize(("stage", "c"), [(1, 80), (2, 160)])
 def test_pre_process_net_matches_reference(stage: int, c: int) -> None:
     net = _pre_process_net(c)
-    assert _state_rows(net) == _tsv_rows(stage, "pre_process_net.")
+    assert state_rows(net) == reference_rows(stage, "pre_process_net.")
     assert _numel(net) == {1: 288_720, 2: 1_153_440}[stage]
 
 
 def test_stage1_backbone_matches_reference() -> None:
     net = _stage1_backbone()
-    assert _state_rows(net) == _tsv_rows(1, "img_bev_encoder_backbone.")
+    assert state_rows(net) == reference_rows(1, "img_bev_encoder_backbone.")
     assert _numel(net) == 19_363_680
     assert [_numel(stage) for stage in net.layers] == [923_040, 3_689_280, 14_751_360]
 
 
 def test_stage2_backbone_matches_reference() -> None:
     net = Res2Fusion()
-    assert _state_rows(net) == _tsv_rows(2, "img_bev_encoder_backbone.")
+    assert state_rows(net) == reference_rows(2, "img_bev_encoder_backbone.")
     assert _numel(net) == 6_855_000
     assert _numel(net.fusion_layer) == 180_920
     assert [_numel(stage) for stage in net.layers] == [319_840, 1_273_280, 5_080_960]
@@ -110,7 +78,7 @@ def test_stage2_backbone_matches_reference() -> None:
 @pytest.mark.parametrize(("stage", "c"), [(1, 80), (2, 160)])
 def test_neck_matches_reference(stage: int, c: int) -> None:
     net = FPNLSS(8 * c + 2 * c)
-    assert _state_rows(net) == _tsv_rows(stage, "img_bev_encoder_neck.")
+    assert state_rows(net) == reference_rows(stage, "img_bev_encoder_neck.")
     assert _numel(net) == {1: 7_293_696, 2: 10_980_096}[stage]
 
 

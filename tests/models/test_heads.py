@@ -1,18 +1,14 @@
 """Proposal and regression heads: reference state-dict layout, init, shapes, losses and gradients.
 
-The layout checks read ``reference-stage{1,2}-state-dict.tsv`` from ``$BEVNEXT_REFERENCE_DIR``,
-``tests/models/reference`` or a ``shared/reference`` folder in / beside the checkout; they are skipped when none
-exists.
+The layout checks compare against ``tests/models/reference/reference-stage{1,2}-state-dict.tsv`` (read through
+``reference_layout``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from reference_layout import reference_param_count, reference_rows, state_rows
 from torch import nn
 
 from bevnext.errors import ConfigError
@@ -26,46 +22,6 @@ from bevnext.models.heads import (
 )
 from bevnext.models.targets import TASKS, TargetBuilder
 
-HERE = Path(__file__).resolve().parent
-
-
-def _reference_dir() -> Path | None:
-    candidates = [HERE / "reference"] + [root / "shared" / "reference" for root in HERE.parents[1:3]]
-    if os.environ.get("BEVNEXT_REFERENCE_DIR"):
-        candidates.insert(0, Path(os.environ["BEVNEXT_REFERENCE_DIR"]))
-    for path in candidates:
-        if (path / "reference-stage1-state-dict.tsv").is_file():
-            return path
-    return None
-
-
-def _tsv_rows(stage: int, prefix: str) -> list[tuple[str, tuple[int, ...], str]]:
-    ref = _reference_dir()
-    if ref is None:
-        pytest.skip("reference state-dict TSVs not found (set BEVNEXT_REFERENCE_DIR)")
-    rows = []
-    for line in (ref / f"reference-stage{stage}-state-dict.tsv").read_text().splitlines()[1:]:
-        name, shape, _numel, dtype = line.split("\t")
-        if name.startswith(prefix):
-            rows.append((name[len(prefix) :], tuple(json.loads(shape)), dtype))
-    assert rows, f"no TSV rows with prefix {prefix}"
-    return rows
-
-
-def _state_rows(module: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()]
-
-
-def _tsv_param_count(rows) -> int:
-    total = 0
-    for name, shape, dtype in rows:
-        if dtype == "float32" and not name.endswith(("running_mean", "running_var")):
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-    return total
-
 
 def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -74,17 +30,15 @@ def _num_params(module: nn.Module) -> int:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_proposal_head_matches_reference_layout(stage):
     head = CenterHeadProposal(in_channels=256, tasks=TASKS, head_channels=64, final_kernel=3, init_bias=-2.19)
-    rows = _tsv_rows(stage, "proposal_head.")
-    assert _state_rows(head) == rows
-    assert _num_params(head) == _tsv_param_count(rows) == 375_306
+    assert state_rows(head) == reference_rows(stage, "proposal_head.")
+    assert _num_params(head) == reference_param_count(stage, "proposal_head.") == 375_306
 
 
 @pytest.mark.parametrize(("stage", "channels", "expected"), [(1, 80, 1_190_588), (2, 160, 1_236_668)])
 def test_reg_head_matches_reference_layout(stage, channels, expected):
     head = CenterHeadReg(in_channels=channels, tasks=TASKS, head_channels=64, branches=REG_BRANCHES)
-    rows = _tsv_rows(stage, "pts_bbox_head.")
-    assert _state_rows(head) == rows
-    assert _num_params(head) == _tsv_param_count(rows) == expected
+    assert state_rows(head) == reference_rows(stage, "pts_bbox_head.")
+    assert _num_params(head) == reference_param_count(stage, "pts_bbox_head.") == expected
 
 
 def test_init_heatmap_bias_and_kaiming():

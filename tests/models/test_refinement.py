@@ -3,15 +3,12 @@ oracle for the batched spatial cross-attention, gradients, and the real stage-1 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from reference_layout import reference_rows, state_rows
 
 from bevnext.errors import ConfigError
 from bevnext.models.refinement import (
@@ -23,14 +20,6 @@ from bevnext.models.refinement import (
     project_reference_points,
 )
 from bevnext.ops import multi_scale_deformable_attn
-
-# The reference state-dict lists (reference-stage{1,2}-state-dict.tsv): $BEVNEXT_REFERENCE_DIR, the shared
-# workspace copy, or a shared/reference folder next to the repository's tests.
-_REFERENCE_CANDIDATES = [
-    os.environ.get("BEVNEXT_REFERENCE_DIR", ""),
-    "/work/shared/reference",
-    str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
-]
 
 # Optical camera axes (x right, y down, z forward) expressed in an ego frame (x forward, y left, z up) for a
 # camera looking along +x: columns are the camera axes.
@@ -70,17 +59,6 @@ def nuscenes_like_rig(batch=1):
     )
 
 
-def reference_rows(stage: int, prefix: str) -> list[tuple[str, list[int]]]:
-    name = f"reference-stage{stage}-state-dict.tsv"
-    found = [Path(d) / name for d in _REFERENCE_CANDIDATES if d and (Path(d) / name).is_file()]
-    if not found:
-        pytest.skip(f"{name} not found (set BEVNEXT_REFERENCE_DIR)")
-    path = found[0]
-    with path.open() as handle:
-        rows = list(csv.reader(handle, delimiter="\t"))
-    return [(r[0][len(prefix) :], json.loads(r[1])) for r in rows[1:] if r[0].startswith(prefix)]
-
-
 def randomise_(module: torch.nn.Module, seed: int = 0) -> None:
     """Non-trivial values for every parameter (the init zeroes the offset/attention weights)."""
     gen = torch.Generator().manual_seed(seed)
@@ -96,16 +74,14 @@ def randomise_(module: torch.nn.Module, seed: int = 0) -> None:
 @pytest.mark.parametrize("stage, channels, count", [(1, 80, 1_585_872), (2, 160, 3_299_552)])
 def test_transformer_neck_matches_reference_state_dict(stage, channels, count):
     module = PerspectiveRefinement(channels)
-    ours = [(name, list(t.shape)) for name, t in module.state_dict().items()]
-    assert ours == reference_rows(stage, "transformer_neck.")
+    assert state_rows(module) == reference_rows(stage, "transformer_neck.")
     assert sum(p.numel() for p in module.parameters()) == count
 
 
 @pytest.mark.parametrize("stage, channels, count", [(1, 80, 23_798), (2, 160, 33_318)])
 def test_depth_embedding_matches_reference_state_dict(stage, channels, count):
     module = make_depth_embedding(118, channels)
-    ours = [(name, list(t.shape)) for name, t in module.state_dict().items()]
-    assert ours == reference_rows(stage, "depth_emb.")
+    assert state_rows(module) == reference_rows(stage, "depth_emb.")
     assert sum(p.numel() for p in module.parameters()) == count
     out = module(torch.rand(2, 118, 3, 4))
     assert out.shape == (2, channels, 3, 4)

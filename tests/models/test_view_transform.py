@@ -3,13 +3,11 @@ gradients to every parameter, reference state-dict layout, config errors."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from reference_layout import reference_rows, state_rows
 from torch import nn
 
 from bevnext.errors import ConfigError
@@ -22,31 +20,9 @@ from bevnext.models.view_transform import (
     num_depth_bins,
 )
 
-_REFERENCE_CANDIDATES = [
-    os.environ.get("BEVNEXT_REFERENCE_DIR", ""),
-    str(Path(__file__).resolve().parent / "reference"),
-    "/work/shared/reference",
-    str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
-    str(Path(__file__).resolve().parents[3] / "shared" / "reference"),
-]
-
 # Optical camera axes (x right, y down, z forward) in an ego frame (x forward, y left, z up) for a camera looking
 # along +x: the columns are the camera axes.
 FRONT = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
-
-
-def reference_rows(stage: int, prefix: str) -> list[tuple[str, list[int], str]]:
-    name = f"reference-stage{stage}-state-dict.tsv"
-    found = [Path(d) / name for d in _REFERENCE_CANDIDATES if d and (Path(d) / name).is_file()]
-    if not found:
-        pytest.skip(f"{name} not found (set BEVNEXT_REFERENCE_DIR)")
-    rows = []
-    for line in found[0].read_text().splitlines()[1:]:
-        key, shape, _numel, dtype = line.split("\t")
-        if key.startswith(prefix):
-            rows.append((key[len(prefix) :], json.loads(shape), dtype))
-    assert rows
-    return rows
 
 
 def yaw(degrees: float) -> torch.Tensor:
@@ -263,8 +239,7 @@ def test_mlp_extrinsics_override_feeds_only_the_depth_net():
 @pytest.mark.parametrize("stage, context, params", [(1, 80, 7_603_215), (2, 160, 7_623_775)])
 def test_matches_reference_state_dict(stage, context, params):
     vt = LSSViewTransformer(in_channels=512, context_channels=context)
-    rows = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in vt.state_dict().items()]
-    assert rows == reference_rows(stage, "img_view_transformer.")
+    assert state_rows(vt) == reference_rows(stage, "img_view_transformer.")
     assert sum(p.numel() for p in vt.parameters()) == params
 
 

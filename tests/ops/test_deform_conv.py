@@ -7,22 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import bilinear_zero_padded
 
 from bevnext.ops import deform_conv
 from bevnext.ops.deform_conv import DeformConv2dPack, deform_conv2d, deform_conv2d_fast_path_unsupported
-
-
-def bilinear_zero_padded(image: torch.Tensor, px: float, py: float) -> torch.Tensor:
-    """Oracle: bilinear sample of a (C, H, W) image at pixel coordinates (px, py); zeros outside."""
-    _, height, width = image.shape
-    x0, y0 = math.floor(px), math.floor(py)
-    fx, fy = px - x0, py - y0
-    out = torch.zeros(image.shape[0], dtype=torch.float64)
-    for yy, wy in ((y0, 1.0 - fy), (y0 + 1, fy)):
-        for xx, wx in ((x0, 1.0 - fx), (x0 + 1, fx)):
-            if 0 <= yy < height and 0 <= xx < width:
-                out += wy * wx * image[:, yy, xx].double()
-    return out
 
 
 def deform_conv_oracle(x, offset, weight, bias, stride, padding, dilation, groups, deform_groups):
