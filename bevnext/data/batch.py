@@ -22,6 +22,40 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True)
+class CameraGeometry:
+    """The cameras of one frame of B samples x N cameras: everything needed to lift pixels to the key frame.
+
+    A pixel ``(u, v)`` at depth ``d`` of camera ``(b, n)`` lifts to the BEV-augmented key frame as
+    ``bda @ (R @ K^-1 @ (d * post_rot^-1 @ ([u, v, 1] - post_trans)) + t)`` with ``R, t`` =
+    ``cam2key_rot, cam2key_trans`` and ``K`` = ``intrinsics``.
+
+    Attributes:
+        cam2key_rot: (B, N, 3, 3) camera (optical) -> key-ego rotation R.
+        cam2key_trans: (B, N, 3) camera -> key-ego translation t (metres).
+        intrinsics: (B, N, 3, 3) camera matrices K of the original (un-augmented) images.
+        post_rot: (B, N, 3, 3) 2D image augmentation (original pixels -> augmented pixels), linear part; the
+            third row/column are the identity.
+        post_trans: (B, N, 3) 2D image augmentation, translation part (third entry 0).
+        bda: (B, 3, 3) BEV augmentation (rotation, scale, flips) applied to key-frame 3D points; shared by the
+            cameras (and by the frames) of a sample.
+    """
+
+    cam2key_rot: torch.Tensor
+    cam2key_trans: torch.Tensor
+    intrinsics: torch.Tensor
+    post_rot: torch.Tensor
+    post_trans: torch.Tensor
+    bda: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The six tensors in field order (the argument order of ``lift_frustum`` / ``project_reference_points``).
+
+        Unlike ``dataclasses.astuple`` this does not copy the tensors.
+        """
+        return self.cam2key_rot, self.cam2key_trans, self.intrinsics, self.post_rot, self.post_trans, self.bda
+
+
 @dataclass
 class Batch:
     """One batch of B samples, each with F frames of N cameras.
@@ -65,6 +99,21 @@ class Batch:
     @property
     def num_cams(self) -> int:
         return int(self.images.shape[2])
+
+    def cameras(self, frame: int) -> CameraGeometry:
+        """The cameras of frame ``frame`` (0 = key frame) of every sample; ``bda`` is shared by the frames.
+
+        Returns:
+            A :class:`CameraGeometry` of (B, N, ...) views ``[:, frame]`` of the per-camera tensors (no copies).
+        """
+        return CameraGeometry(
+            cam2key_rot=self.cam2key_rot[:, frame],
+            cam2key_trans=self.cam2key_trans[:, frame],
+            intrinsics=self.intrinsics[:, frame],
+            post_rot=self.post_rot[:, frame],
+            post_trans=self.post_trans[:, frame],
+            bda=self.bda,
+        )
 
     def _map(self, fn) -> Batch:
         changes: dict[str, Any] = {}

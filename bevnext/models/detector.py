@@ -80,16 +80,10 @@ class BEVNeXt(nn.Module):
         feat = self.img_neck(self.img_backbone(images))
         bev, depth, context = self.img_view_transformer(
             feat,
-            batch.cam2key_rot[:, f],
-            batch.cam2key_trans[:, f],
-            batch.intrinsics[:, f],
-            batch.post_rot[:, f],
-            batch.post_trans[:, f],
-            batch.bda,
+            batch.cameras(f),
             batch.canvas,  # the reference's CRF uses the key frame's colours for every frame
             # The reference builds every frame's camera-aware depth input from the key frame's extrinsics.
-            mlp_cam2key_rot=batch.cam2key_rot[:, 0],
-            mlp_cam2key_trans=batch.cam2key_trans[:, 0],
+            mlp_cams=batch.cameras(0),
         )
         bev = self.pre_process_net(bev)[0]
         return bev, depth, context
@@ -115,16 +109,7 @@ class BEVNeXt(nn.Module):
         bn = key_context.shape[0]
         feats_2d = key_context + self.depth_emb(key_depth.detach())  # depth embedding without depth gradients
         feats_2d = feats_2d.view(batch.batch_size, bn // batch.batch_size, *feats_2d.shape[1:])
-        refined = self.transformer_neck(
-            x,
-            feats_2d,
-            batch.cam2key_rot[:, 0],
-            batch.cam2key_trans[:, 0],
-            batch.intrinsics[:, 0],
-            batch.post_rot[:, 0],
-            batch.post_trans[:, 0],
-            batch.bda,
-        )
+        refined = self.transformer_neck(x, feats_2d, batch.cameras(0))
         regression = self.pts_bbox_head(refined)
         return {"proposals": proposals, "regression": regression, "depth": key_depth}
 

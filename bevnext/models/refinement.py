@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.ops import multi_scale_deformable_attn
 
@@ -584,38 +585,23 @@ class PerspectiveRefinement(nn.Module):
             if isinstance(module, MSDeformableAttention):
                 module.init_weights()
 
-    def reference_points(
-        self,
-        cam2key_rot: Tensor,
-        cam2key_trans: Tensor,
-        intrinsics: Tensor,
-        post_rot: Tensor,
-        post_trans: Tensor,
-        bda: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Pillar reference points projected into every camera (see ``project_reference_points``).
+    def reference_points(self, cams: CameraGeometry) -> tuple[Tensor, Tensor]:
+        """Pillar reference points projected into every camera of ``cams`` (see ``project_reference_points``).
 
         Returns:
             ``uv`` (B, N, Q, Z, 2) normalised image coordinates and ``valid`` (B, N, Q, Z) bool, Q = Y * X.
         """
         centres = pillar_centres(
-            self.bev_shape, self.grid_lower, self.grid_interval, self.heights, device=cam2key_rot.device
+            self.bev_shape, self.grid_lower, self.grid_interval, self.heights, device=cams.cam2key_rot.device
         )
         centres = centres.flatten(0, 1)  # (Q, Z, 3), row-major cells
-        return project_reference_points(
-            centres, cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda, self.image_size
-        )
+        return project_reference_points(centres, *cams.tensors(), self.image_size)
 
     def forward(
         self,
         bev_x: Tensor,
         img_feats: Tensor | Sequence[Tensor],
-        cam2key_rot: Tensor,
-        cam2key_trans: Tensor,
-        intrinsics: Tensor,
-        post_rot: Tensor,
-        post_trans: Tensor,
-        bda: Tensor,
+        cams: CameraGeometry,
     ) -> Tensor:
         """Refine the BEV map.
 
@@ -623,12 +609,7 @@ class PerspectiveRefinement(nn.Module):
             bev_x: (B, in_channels, Y, X) BEV encoder output.
             img_feats: (B, N, C, h, w) key-frame camera features (context + depth embedding), or a
                 sequence of ``num_levels`` such tensors (levels may differ in h, w).
-            cam2key_rot: (B, N, 3, 3) key-frame camera -> key-ego rotations.
-            cam2key_trans: (B, N, 3) key-frame camera -> key-ego translations (metres).
-            intrinsics: (B, N, 3, 3) camera matrices.
-            post_rot: (B, N, 3, 3) image augmentation, linear part.
-            post_trans: (B, N, 3) image augmentation, translation.
-            bda: (B, 3, 3) BEV augmentation.
+            cams: the key frame's cameras (B, N) that saw ``img_feats``.
 
         Returns:
             (B, C, Y, X) refined BEV features.
@@ -649,6 +630,6 @@ class PerspectiveRefinement(nn.Module):
 
         query = self.bev_embedding.weight.unsqueeze(0) + self.shared_conv(bev_x).flatten(2).transpose(1, 2)
         query_pos = self.positional_encoding(num_y, num_x).unsqueeze(0)  # (1, Q, C)
-        uv, valid = self.reference_points(cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda)
+        uv, valid = self.reference_points(cams)
         out = self.decoder(query, query_pos, value, level_shapes, uv, valid)
         return out.transpose(1, 2).reshape(batch, self.embed_dims, num_y, num_x)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.models.crf import MeanFieldCRF
 from bevnext.models.depth_net import DepthNet, camera_aware_input
@@ -259,87 +260,59 @@ class LSSViewTransformer(nn.Module):
     def forward(
         self,
         feat: Tensor,
-        cam2key_rot: Tensor,
-        cam2key_trans: Tensor,
-        intrinsics: Tensor,
-        post_rot: Tensor,
-        post_trans: Tensor,
-        bda: Tensor,
+        cams: CameraGeometry,
         canvas: Tensor,
-        mlp_cam2key_rot: Tensor | None = None,
-        mlp_cam2key_trans: Tensor | None = None,
+        mlp_cams: CameraGeometry | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One frame of B samples x N cameras to BEV.
 
         Args:
             feat: (B*N, in_channels, h, w) image features (h, w = input_size / downsample), camera-major within a
                 sample (index ``b * N + n``).
-            cam2key_rot: (B, N, 3, 3) this frame's camera -> key-ego rotations (used for lifting).
-            cam2key_trans: (B, N, 3) this frame's camera -> key-ego translations.
-            intrinsics: (B, N, 3, 3) camera matrices.
-            post_rot: (B, N, 3, 3) image augmentation, linear part.
-            post_trans: (B, N, 3) image augmentation, translation.
-            bda: (B, 3, 3) BEV augmentation.
+            cams: this frame's cameras (B, N); used for lifting and for the depth net's camera-aware input.
             canvas: (B, N, H, W, 3) RGB colour guide for the CRF (uint8 or float 0...255). The reference passes the
                 key frame's canvas for every frame.
-            mlp_cam2key_rot: (B, N, 3, 3) extrinsics for the depth net's camera-aware input; None = ``cam2key_rot``.
-                The reference builds that input from the KEY frame's extrinsics for every frame (pass them here for
-                earlier frames to reproduce it).
-            mlp_cam2key_trans: (B, N, 3) likewise; None = ``cam2key_trans``.
+            mlp_cams: cameras whose EXTRINSICS (``cam2key_rot``, ``cam2key_trans``) replace those of ``cams`` in the
+                depth net's camera-aware input (intrinsics and augmentations always come from ``cams``); None =
+                ``cams``. The reference builds that input from the KEY frame's extrinsics for every frame (pass the
+                key frame's cameras here for earlier frames to reproduce it).
 
         Returns:
             ``(bev, depth_prob, context)``: (B, C*Z, Y, X) BEV features (channel ``z * C + c``; row y, column x of
             the grid), (B*N, D, h, w) CRF depth probabilities, (B*N, C, h, w) context features.
         """
-        B, N = intrinsics.shape[:2]
+        B, N = cams.intrinsics.shape[:2]
         h, w = self.feature_size
         if tuple(feat.shape) != (B * N, self.in_channels, h, w):
             raise ValueError(f"feat must have shape {(B * N, self.in_channels, h, w)}, got {tuple(feat.shape)}")
         if tuple(canvas.shape) != (B, N, *self.input_size, 3):
             raise ValueError(f"canvas must have shape {(B, N, *self.input_size, 3)}, got {tuple(canvas.shape)}")
-        mlp_rot = cam2key_rot if mlp_cam2key_rot is None else mlp_cam2key_rot
-        mlp_trans = cam2key_trans if mlp_cam2key_trans is None else mlp_cam2key_trans
-        mlp_input = camera_aware_input(intrinsics, post_rot, post_trans, bda, mlp_rot, mlp_trans)
+        extrinsics = cams if mlp_cams is None else mlp_cams
+        mlp_input = camera_aware_input(
+            cams.intrinsics, cams.post_rot, cams.post_trans, cams.bda, extrinsics.cam2key_rot, extrinsics.cam2key_trans
+        )
         depth_logits, context = self.depth_net(feat, mlp_input.reshape(B * N, -1))
         depth_prob = self.crf(depth_logits, canvas.reshape(B * N, *self.input_size, 3))
-        bev = self.splat(depth_prob, context, cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda)
+        bev = self.splat(depth_prob, context, cams)
         return bev, depth_prob, context
 
-    def lift(
-        self,
-        cam2key_rot: Tensor,
-        cam2key_trans: Tensor,
-        intrinsics: Tensor,
-        post_rot: Tensor,
-        post_trans: Tensor,
-        bda: Tensor,
-    ) -> Tensor:
-        """(B, N, D, h, w, 3) frustum points in the BEV-augmented key-ego frame (see :func:`lift_frustum`)."""
-        dtype = torch.promote_types(intrinsics.dtype, torch.float32)
-        return lift_frustum(self.frustum.to(dtype), cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda)
+    def lift(self, cams: CameraGeometry) -> Tensor:
+        """(B, N, D, h, w, 3) frustum points of ``cams`` in the BEV-augmented key-ego frame (:func:`lift_frustum`)."""
+        dtype = torch.promote_types(cams.intrinsics.dtype, torch.float32)
+        return lift_frustum(self.frustum.to(dtype), *cams.tensors())
 
-    def splat(
-        self,
-        depth_prob: Tensor,
-        context: Tensor,
-        cam2key_rot: Tensor,
-        cam2key_trans: Tensor,
-        intrinsics: Tensor,
-        post_rot: Tensor,
-        post_trans: Tensor,
-        bda: Tensor,
-    ) -> Tensor:
+    def splat(self, depth_prob: Tensor, context: Tensor, cams: CameraGeometry) -> Tensor:
         """Lift every frustum point and sum ``depth_prob x context`` into its BEV voxel.
 
         Args:
             depth_prob: (B*N, D, h, w) depth weights.
             context: (B*N, C, h, w) features.
-            cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda: cameras as in :meth:`forward`.
+            cams: the cameras (B, N) that saw ``depth_prob`` / ``context``.
 
         Returns:
             (B, C*Z, Y, X), channel ``z * C + c``. Differentiable w.r.t. ``depth_prob`` and ``context``.
         """
-        B, N = intrinsics.shape[:2]
+        B, N = cams.intrinsics.shape[:2]
         D, (h, w) = self.D, self.feature_size
         C = context.shape[1]
         if tuple(depth_prob.shape) != (B * N, D, h, w) or tuple(context.shape) != (B * N, C, h, w):
@@ -348,7 +321,7 @@ class LSSViewTransformer(nn.Module):
                 f"(B*N, D, h, w) = {(B * N, D, h, w)}"
             )
         with torch.no_grad():  # geometry is data: no gradient to the cameras
-            points = self.lift(cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda)
+            points = self.lift(cams)
             ranks_bev, ranks_depth, ranks_feat = voxelize_points(
                 points, self.grid_lower, self.grid_interval, self.grid_size, truncate=self.truncate_voxel_index
             )

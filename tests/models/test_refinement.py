@@ -10,6 +10,7 @@ import pytest
 import torch
 from reference_layout import reference_rows, state_rows
 
+from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.models.refinement import (
     MSDeformableAttention,
@@ -206,7 +207,7 @@ def test_module_reference_points_are_row_major_cells():
         num_points=4,
     )
     cams = make_rig((0.0,), [(1.0, 0.2, 1.5)], (1000.0, 1100.0), (800.0, 450.0))
-    uv, valid = module.reference_points(*cams)
+    uv, valid = module.reference_points(CameraGeometry(*cams))
     assert uv.shape == (1, 1, 20, 4, 2)
     points = pillar_centres((4, 5), (4.0, -2.0), (2.0, 1.0), (-0.5, 0.5, 1.5, 2.5))
     uv_grid, valid_grid = project_reference_points(points, *cams, (256, 704))
@@ -285,7 +286,7 @@ def sca_inputs(module, cams, bev_x, feats):
     query = module.bev_embedding.weight[None] + module.shared_conv(bev_x).flatten(2).transpose(1, 2)
     pos = module.positional_encoding(*module.bev_shape)[None]
     value = feats.flatten(3).transpose(2, 3)
-    uv, valid = module.reference_points(*cams)
+    uv, valid = module.reference_points(CameraGeometry(*cams))
     return query, pos, value, [tuple(feats.shape[3:])], uv.to(query.dtype), valid
 
 
@@ -311,7 +312,7 @@ def test_full_forward_matches_oracle_composition():
     module.eval()
     layer = module.decoder.layers[0]
     with torch.no_grad():
-        out = module(bev_x, feats, *cams)
+        out = module(bev_x, feats, CameraGeometry(*cams))
         # Queries and the positional encoding written out: pos(y, x) = concat(col_embed[x], row_embed[y]).
         conv = module.shared_conv
         bev = torch.relu(conv.bn(conv.conv(bev_x)))
@@ -320,7 +321,7 @@ def test_full_forward_matches_oracle_composition():
         pos = torch.stack(
             [torch.cat((pe.col_embed.weight[x], pe.row_embed.weight[y])) for y in range(6) for x in range(8)]
         )[None]
-        uv, valid = module.reference_points(*cams)
+        uv, valid = module.reference_points(CameraGeometry(*cams))
         attended = rebatching_sca_oracle(
             layer.attentions[0], query, pos, feats.flatten(3).transpose(2, 3), [(4, 8)], uv.double(), valid
         )
@@ -343,7 +344,7 @@ def test_query_seen_by_no_camera_gets_its_residual():
         attended = sca(query, pos, value, shapes, uv, valid)
         # No camera: the averaged slot is exactly zero, so output_proj contributes exactly its bias.
         assert torch.equal(attended[unseen], query[unseen] + sca.output_proj.bias)
-        out = module(bev_x, feats, *cams).flatten(2).transpose(1, 2)
+        out = module(bev_x, feats, CameraGeometry(*cams)).flatten(2).transpose(1, 2)
         normed = layer.norms[0](query[unseen] + sca.output_proj.bias)
         expected = layer.norms[1](layer.ffns[0](normed))
     torch.testing.assert_close(out[unseen], expected, atol=1e-6, rtol=0)
@@ -362,7 +363,7 @@ def test_every_parameter_gets_a_gradient():
     module, cams, bev_x, feats = tiny_setup()
     module.train()
     feats.requires_grad_()
-    out = module(bev_x, feats, *cams)
+    out = module(bev_x, feats, CameraGeometry(*cams))
     (out * torch.randn_like(out)).sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is not None, name
@@ -387,13 +388,13 @@ def test_real_stage1_shape():
     cams = nuscenes_like_rig()
     bev_x = torch.randn(1, 256, 128, 128)
     feats = torch.randn(1, 6, 80, 32, 88)
-    _, valid = module.reference_points(*cams)
+    _, valid = module.reference_points(CameraGeometry(*cams))
     per_cam = valid.any(-1).sum(-1)
     # Every camera sees a few thousand of the 16384 cells (the reference check saw at most 3055).
     assert bool(((per_cam > 1000) & (per_cam < 4000)).all()), per_cam
     start = time.perf_counter()
     with torch.no_grad():
-        out = module(bev_x, feats, *cams)
+        out = module(bev_x, feats, CameraGeometry(*cams))
     print(f"stage-1 PerspectiveRefinement forward (B=1, 6x32x88 -> 128x128x80): {time.perf_counter() - start:.2f} s")
     assert out.shape == (1, 80, 128, 128)
     assert torch.isfinite(out).all()

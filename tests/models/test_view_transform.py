@@ -10,6 +10,7 @@ import torch
 from reference_layout import reference_rows, state_rows
 from torch import nn
 
+from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.models.depth_net import camera_aware_input
 from bevnext.models.view_transform import (
@@ -138,7 +139,7 @@ def test_one_hot_depth_splats_into_the_expected_cell():
     depth = torch.zeros(2, 4, 4, 8)
     depth[:, 2, 3, 2] = 1.0  # d = 4 m at pixel (u, v) = (18, 31)
     context = torch.randn(2, 3, 4, 8)
-    bev = vt.splat(depth, context, *cams)
+    bev = vt.splat(depth, context, CameraGeometry(*cams))
     assert bev.shape == (2, 2 * 3, 16, 16)
     # Camera point ((18-50)*4/100, (31-40)*4/100, 4) = (-1.28, -0.36, 4) -> ego (4, 1.28, 0.36) + t = (5.3, 1.78, 1.96)
     # -> voxel x = floor(13.3) = 13, y = floor(9.78) = 9, z = floor(1.98) = 1 -> channels 3..5 (z-major folding).
@@ -154,8 +155,8 @@ def test_points_below_the_grid_follow_the_truncation_flag():
     depth = torch.zeros(1, 4, 4, 8)
     depth[0, 2, 3, 2] = 1.0
     context = torch.ones(1, 3, 4, 8)
-    truncated = tiny_vt().splat(depth, context, *cams)
-    floored = tiny_vt(truncate_voxel_index=False).splat(depth, context, *cams)
+    truncated = tiny_vt().splat(depth, context, CameraGeometry(*cams))
+    floored = tiny_vt(truncate_voxel_index=False).splat(depth, context, CameraGeometry(*cams))
     assert float(truncated[0, 0:3, 9, 13].sum()) == 3.0  # the reference quirk: lands in z = 0
     assert float(floored.abs().sum()) == 0.0
 
@@ -205,7 +206,7 @@ def test_every_parameter_gets_a_gradient():
     cams = rig([0.0, 180.0], [(1.0, 0.0, 1.6), (-1.0, 0.0, 1.6)], 40.0, 32.0, 16.0, batch=B)
     feat = torch.randn(B * N, 8, 4, 8)
     canvas = torch.randint(0, 256, (B, N, 32, 64, 3), dtype=torch.uint8)
-    bev, depth_prob, context = vt(feat, *cams, canvas)
+    bev, depth_prob, context = vt(feat, CameraGeometry(*cams), canvas)
     assert bev.shape == (B, 3, 20, 20) and depth_prob.shape == (B * N, 4, 4, 8) and context.shape == (B * N, 3, 4, 8)
     torch.testing.assert_close(depth_prob.sum(dim=1), torch.ones(B * N, 4, 8))
     gt = torch.where(torch.rand(B, N, 32, 64) < 0.2, torch.rand(B, N, 32, 64) * 4 + 2, torch.zeros(B, N, 32, 64))
@@ -224,12 +225,12 @@ def test_mlp_extrinsics_override_feeds_only_the_depth_net():
     feat = torch.randn(2, 8, 4, 8)
     canvas = torch.randint(0, 256, (1, 2, 32, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        bev, prob, ctx = vt(feat, *cams, canvas, mlp_cam2key_rot=key_rot, mlp_cam2key_trans=key_trans)
+        bev, prob, ctx = vt(feat, CameraGeometry(*cams), canvas, mlp_cams=CameraGeometry(key_rot, key_trans, *cams[2:]))
         mlp = camera_aware_input(cams[2], cams[3], cams[4], cams[5], key_rot, key_trans).view(2, 27)
         logits, exp_ctx = vt.depth_net(feat, mlp)
         exp_prob = vt.crf(logits, canvas.view(2, 32, 64, 3))
-        exp_bev = vt.splat(exp_prob, exp_ctx, *cams)
-        own_prob = vt(feat, *cams, canvas)[1]
+        exp_bev = vt.splat(exp_prob, exp_ctx, CameraGeometry(*cams))
+        own_prob = vt(feat, CameraGeometry(*cams), canvas)[1]
     torch.testing.assert_close(prob, exp_prob, rtol=0, atol=0)
     torch.testing.assert_close(ctx, exp_ctx, rtol=0, atol=0)
     torch.testing.assert_close(bev, exp_bev, rtol=0, atol=0)
@@ -250,7 +251,8 @@ def test_full_size_forward():
     cams[3][..., 0, 0] = cams[3][..., 1, 1] = 0.44  # resize 0.44, crop 140 rows at the top
     cams[4][..., 1] = -140.0
     with torch.no_grad():
-        bev, prob, ctx = vt(torch.randn(B * N, 512, 32, 88), *cams, torch.randint(0, 256, (B, N, 256, 704, 3)))
+        canvas = torch.randint(0, 256, (B, N, 256, 704, 3))
+        bev, prob, ctx = vt(torch.randn(B * N, 512, 32, 88), CameraGeometry(*cams), canvas)
     assert bev.shape == (1, 80, 128, 128) and prob.shape == (2, 118, 32, 88) and ctx.shape == (2, 80, 32, 88)
     torch.testing.assert_close(prob.sum(dim=1), torch.ones(2, 32, 88))
     assert float(bev.abs().sum()) > 0
