@@ -13,20 +13,13 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 
-def _random_batch(cfg, batch_size: int, device: torch.device):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))
-    from batch_factory import random_batch  # the tests' synthetic rig: one definition for both
-
-    return random_batch(cfg, batch_size=batch_size, num_boxes=20).to(device)
-
-
 def main(argv: list[str] | None = None) -> int:
     from bevnext.config.stages import PRESETS
+    from bevnext.data.synth.batches import random_batch
     from bevnext.engine.device import memory_stats, reset_peak_memory, resolve_device_type, synchronize
     from bevnext.models.detector import build_model
 
@@ -48,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:28s} {count:>12,d}")
     print(f"total parameters: {sum(p.numel() for p in model.parameters())}")
 
-    batch = _random_batch(cfg, args.batch_size, device)
+    batch = random_batch(cfg, batch_size=args.batch_size, num_boxes=20).to(device)
     times = []
     reset_peak_memory(device)
     for step in range(1 + args.repeats):

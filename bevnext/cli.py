@@ -17,9 +17,9 @@ from bevnext import __version__
 from bevnext.errors import BevnextError
 
 _PENDING = {
-    "demo": "the end-to-end demo (synthetic scenes -> stage 1 -> stage 2 -> eval) arrives with the training issue",
-    "train": "training arrives with the model and training issues",
-    "eval": "model evaluation arrives with the model and training issues",
+    "demo": "the end-to-end demo (synthetic scenes -> stage 1 -> stage 2 -> eval) is not part of this version",
+    "eval": "evaluating a trained model is not part of this version; bevnext check-data runs the official "
+    "evaluation on ground truth",
 }
 
 
@@ -66,6 +66,44 @@ def _add_check_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="default: DATA_ROOT/check_data/SPLIT")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a run (one or many processes under torchrun)",
+        description="Train a run preset (stage1, stage2, tiny_stage1, tiny_stage2) or a config.json written by an "
+        "earlier run, with key=value overrides (e.g. train.lr=4e-4 data.data_root=data/nuscenes). Launch with "
+        "torchrun for several processes or nodes.",
+    )
+    p.add_argument("config", help="preset name or path to a config.json")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--work-dir", type=Path, default=None, help="output folder (default work_dirs/<config name>)")
+    p.add_argument("--load-from", type=Path, default=None, help="initialise the weights from this checkpoint")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue exactly from CKPT (default: WORK_DIR/last.pth)")
+    p.add_argument("--device", choices=("npu", "cuda", "cpu"), default=None, help="default: npu > cuda > cpu")
+    p.add_argument("--seed", type=int, default=None, help="base seed (default runtime.seed = 0)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bevnext.config.run import load_run
+    from bevnext.engine.trainer import train
+
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"runtime.device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"runtime.seed={args.seed}")
+    run = load_run(args.config, overrides)
+    work_dir = args.work_dir or Path("work_dirs") / run.name
+    resume = args.resume
+    if resume == "auto":
+        resume = work_dir / "last.pth"
+        if not resume.is_file():
+            raise BevnextError(f"--resume: no {resume} to continue from (give the checkpoint's path)")
+    train(run, work_dir, load_from=args.load_from, resume=resume)
+    return 0
+
+
 def _add_pending(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help=f"(not yet available) {_PENDING[name]}", description=_PENDING[name])
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -107,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_create_data(sub)
     _add_check_data(sub)
-    _add_pending(sub, "train")
+    _add_train(sub)
     _add_pending(sub, "eval")
     _add_bench(sub)
     return parser
@@ -142,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
 
         check_data(args.data_root, args.version, split=args.split, out_dir=args.out_dir)
         return 0
+    if args.command == "train":
+        return _train(args)
     if args.command == "bench":
         script = _bench_dir() / f"{args.name.replace('-', '_')}.py"
         if not script.is_file():
@@ -156,7 +196,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bevnext`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        # key=value overrides may follow the options too (argparse stops collecting positionals at an option).
+        if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
+            extra.insert(0, args.resume)
+            args.resume = "auto"
+        bad = [e for e in extra if e.startswith("-") or "=" not in e]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _run(args)
     except BevnextError as err:

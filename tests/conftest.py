@@ -40,3 +40,19 @@ test_devices.__test__ = False  # a helper, not a test
 def device(request) -> torch.device:
     """Parametrised over ``test_devices()``."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_root(tmp_path_factory):
+    """The data root of a small synthetic nuScenes dataset with its info files, shared by a session (~5 s).
+
+    2 scenes x 4 samples at 400x225 (one scene ``synth_train``, one ``synth_val``), seed 0. Point a tiny run
+    at it with ``data.data_root=<root> data.src_size=[400,225]``.
+    """
+    from bevnext.data.infos import create_infos
+    from bevnext.data.synth import VERSION, generate_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    generate_dataset(root, scenes=2, samples_per_scene=4, image_size=(400, 225), seed=0, progress=False)
+    create_infos(root, VERSION, progress=False)
+    return root

@@ -49,6 +49,10 @@ class DataConfig:
     training from an RGB-pretrained backbone without reference checkpoints in mind.
 
     Attributes:
+        data_root: the nuScenes (or synthetic) data root; info files are
+            ``<data_root>/bevnext_infos_<split>.json`` (``bevnext create-data`` writes them).
+        train_split: the split trained on (``train``; synthetic data: ``synth_train``).
+        val_split: the split evaluated on (``val``; synthetic data: ``synth_val``).
         input_size: network input ``(H, W)`` of every camera image (256, 704).
         src_size: ``(W, H)`` of the dataset's camera images (nuScenes 1600 x 900; set it to the
             synthetic image size for synthetic data). The dataset checks the info files against it.
@@ -76,6 +80,9 @@ class DataConfig:
             the file and the sample, or ``"skip"`` it (warn, count, load another sample).
     """
 
+    data_root: str = "data/nuscenes"
+    train_split: str = "train"
+    val_split: str = "val"
     input_size: tuple[int, int] = (256, 704)
     src_size: tuple[int, int] = (1600, 900)
     resize_lim: tuple[float, float] = (0.38, 0.55)

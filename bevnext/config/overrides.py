@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, TypeVar
@@ -84,15 +85,39 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         overrides: e.g. ``["train.lr=4e-4", "data.samples_per_gpu=2"]``.
 
     Raises:
-        ConfigError: malformed item, unknown key (the message lists the valid keys at that level),
-            or a value of the wrong type.
+        ConfigError: malformed item, unknown key (the message names the nearest valid key, or lists the
+            valid keys at that level), or a value of the wrong type.
     """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        cfg = _set(cfg, key.strip(), _parse_literal(text.strip()), key.strip())
+        key = key.strip()
+        try:
+            cfg = _set(cfg, key, _parse_literal(text.strip()), key)
+        except _UnknownKey as err:
+            close = difflib.get_close_matches(key, leaf_keys(cfg), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(err.valid)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}") from None
     return cfg
+
+
+class _UnknownKey(Exception):
+    def __init__(self, valid: list[str]) -> None:
+        super().__init__()
+        self.valid = valid
+
+
+def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of the dataclass ``cfg`` (nested sections flattened: ``train.lr``)."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(leaf_keys(value, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
 
 
 def _set(obj: Any, dotted: str, value: Any, full_key: str) -> Any:
@@ -101,7 +126,7 @@ def _set(obj: Any, dotted: str, value: Any, full_key: str) -> Any:
     head, _, rest = dotted.partition(".")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if head not in fields:
-        raise ConfigError(f"unknown config key {full_key!r}; valid keys here: {', '.join(sorted(fields))}")
+        raise _UnknownKey(sorted(fields))
     hints = typing.get_type_hints(type(obj))
     if rest:
         new_child = _set(getattr(obj, head), rest, value, full_key)

@@ -215,6 +215,13 @@ def resolve_backend(backend: str, resample: str) -> str:
     return "opencv" if usable and not forced else "pil"
 
 
+def set_opencv_threads(count: int) -> None:
+    """Limit OpenCV's own worker threads (for the warps) in this process; no-op without OpenCV."""
+    cv2 = _opencv()
+    if cv2 is not None:
+        cv2.setNumThreads(count)
+
+
 def _opencv() -> ModuleType | None:
     """``cv2`` when it imports, else None (tried once per process)."""
     global _cv2

@@ -32,6 +32,7 @@ from torch import Tensor
 from bevnext.errors import ConfigError
 from bevnext.models.targets import TASKS, check_tasks
 from bevnext.ops import circle_nms, nms_rotated_bev
+from bevnext.structures.detections import Detections
 
 __all__ = [
     "NMS_RESCALE_FACTOR",
@@ -80,7 +81,7 @@ def decode_task(
         topk: candidates taken per sample (over class x cells).
 
     Returns:
-        Per sample ``(boxes (K, 9) float32, scores (K,), labels (K,) int64 class within the task)``, sorted by
+        Per sample ``Detections(boxes (K, 9) float32, scores (K,), labels (K,) int64 class within the task)``, sorted by
         descending score.
     """
     b, k, grid_y, grid_x = heatmap.shape
@@ -184,7 +185,7 @@ def decode_boxes(
     min_radius: Sequence[float] = MIN_RADIUS,
     pre_max_size: int | None = 1000,
     post_max_size: int | None = 83,
-) -> list[tuple[Tensor, Tensor, Tensor]]:
+) -> list[Detections]:
     """Final detections per sample: decode every task, Scale-NMS it, concatenate the tasks.
 
     Args:
@@ -198,7 +199,7 @@ def decode_boxes(
         pre_max_size, post_max_size: see ``scale_nms``.
 
     Returns:
-        Per sample ``(boxes (K, 9) float32 [x, y, z, l, w, h, yaw, vx, vy] key frame, gravity centre,
+        Per sample ``Detections(boxes (K, 9) float32 [x, y, z, l, w, h, yaw, vx, vy] key frame, gravity centre,
         scores (K,) float32, labels (K,) int64 indices into CLASSES)``, task by task, by descending score within
         a task.
     """
@@ -250,7 +251,7 @@ def decode_boxes(
             )
             per_sample[i].append((boxes[keep], scores[keep], to_global[labels[keep]]))
     return [
-        (
+        Detections(
             torch.cat([p[0] for p in parts]).reshape(-1, _BOX),
             torch.cat([p[1] for p in parts]),
             torch.cat([p[2] for p in parts]),

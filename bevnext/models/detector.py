@@ -26,10 +26,7 @@ from bevnext.models.refinement import PerspectiveRefinement, make_depth_embeddin
 from bevnext.models.res2fusion import Res2Fusion
 from bevnext.models.targets import TASKS, TargetBuilder
 from bevnext.models.view_transform import LSSViewTransformer
-
-Detections = tuple[Tensor, Tensor, Tensor]
-"""Per sample: boxes (K, 9) key frame ``[x, y, z, l, w, h, yaw, vx, vy]`` (gravity centre), scores (K,),
-labels (K,) indices into ``bevnext.structures.CLASSES``."""
+from bevnext.structures.detections import Detections
 
 # The reference's head voxel: 0.1 m cells with an 8x output stride give the 0.8 m BEV cell.
 _HEAD_STRIDE = 8
@@ -113,6 +110,23 @@ class BEVNeXt(nn.Module):
         regression = self.pts_bbox_head(refined)
         return {"proposals": proposals, "regression": regression, "depth": key_depth}
 
+    def forward(
+        self, batch: Batch, reduce_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Tensor] | list[Detections]:
+        """The losses in train mode (see ``loss``), the detections in eval mode (see ``predict``).
+
+        Training goes through ``forward`` so that ``DistributedDataParallel`` sees the step: DDP prepares
+        its gradient all-reduce only inside the wrapper's ``forward``; calling ``ddp.module.loss()`` would
+        train every rank on its own gradients without any error.
+
+        Args:
+            batch: see ``loss`` / ``predict``.
+            reduce_fn: averages loss normaliser counts over processes (training only).
+        """
+        if self.training:
+            return self.loss(batch, reduce_fn=reduce_fn)
+        return self.predict(batch)
+
     def loss(self, batch: Batch, reduce_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """Training losses (a flat dict of 0-d tensors; their sum is the training objective).
 
@@ -167,6 +181,7 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
         depth_range=cfg.depth_range,
         crf_iters=cfg.crf_iters,
         crf_zeta=cfg.crf_zeta,
+        crf_init_weight=cfg.crf_init_weight,
         truncate_voxel_index=cfg.truncate_voxel_index,
         use_dcn=cfg.use_dcn,
         with_cp=cfg.depth_with_cp,

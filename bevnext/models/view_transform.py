@@ -188,6 +188,7 @@ class LSSViewTransformer(nn.Module):
         depth_range: (start, stop, step) of the depth bins in metres.
         crf_iters: mean-field iterations (20).
         crf_zeta: colour bandwidth of the CRF kernel (0.001).
+        crf_init_weight: initial value of the CRF's learnable message weight (0.015).
         truncate_voxel_index: True reproduces the reference's truncation toward zero of voxel coordinates (points up
             to one voxel below the lower bound land in voxel 0); False floors (geometrically correct).
         use_dcn: deformable 3x3 conv in the context branch (reference) instead of a plain grouped conv.
@@ -208,6 +209,7 @@ class LSSViewTransformer(nn.Module):
         depth_range: Sequence[float] = (1.0, 60.0, 0.5),
         crf_iters: int = 20,
         crf_zeta: float = 0.001,
+        crf_init_weight: float = 0.015,
         truncate_voxel_index: bool = True,
         use_dcn: bool = True,
         with_cp: bool = False,
@@ -249,7 +251,9 @@ class LSSViewTransformer(nn.Module):
         self.depth_loss_weight = float(depth_loss_weight)
         # Definition order = the reference's state-dict order (depth_net.*, then crf.ws.0).
         self.depth_net = DepthNet(in_channels, mid_channels, context_channels, self.D, use_dcn=use_dcn, with_cp=with_cp)
-        self.crf = MeanFieldCRF(num_iters=crf_iters, zeta=crf_zeta, patch_size=downsample, depth_bins=self.D)
+        self.crf = MeanFieldCRF(
+            num_iters=crf_iters, zeta=crf_zeta, init_weight=crf_init_weight, patch_size=downsample, depth_bins=self.D
+        )
         self.register_buffer("frustum", make_frustum(self.input_size, downsample, self.depth_range), persistent=False)
 
     @property

@@ -9,6 +9,7 @@ from bevnext.structures.boxes import (
     ego_boxes_to_global,
     global_boxes_to_ego,
 )
+from bevnext.structures.detections import Detections
 from bevnext.structures.transforms import (
     RigidTransform,
     quat_to_rotmat,
@@ -24,6 +25,7 @@ __all__ = [
     "BOX_DIM",
     "CATEGORY_TO_CLASS",
     "CLASSES",
+    "Detections",
     "RigidTransform",
     "attribute_for",
     "box_corners",

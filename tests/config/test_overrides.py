@@ -42,7 +42,8 @@ def test_int_is_accepted_for_float():
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        ("epoch=3", "unknown config key 'epoch'; valid keys here: amp, epochs, input_size, name, optim"),
+        ("epoch=3", "unknown config key 'epoch'; did you mean 'epochs'?"),
+        ("zzz=3", "unknown config key 'zzz'; valid keys here: amp, epochs, input_size, name, optim"),
         ("optim.momentum=0.9", "unknown config key 'optim.momentum'"),
         ("epochs=2.5", "config key 'epochs': 2.5 is not a valid int"),
         ("amp=3", "config key 'amp'"),

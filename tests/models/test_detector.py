@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from batch_factory import ODD_PER_TASK, random_batch
 from reference_layout import reference_param_count, reference_rows, state_rows
 
 from bevnext.config.stages import stage1, stage2, tiny
+from bevnext.data.synth.batches import ODD_PER_TASK, random_batch
 from bevnext.errors import ConfigError
 from bevnext.models.detector import build_model
 

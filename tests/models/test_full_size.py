@@ -11,9 +11,9 @@ import dataclasses
 
 import pytest
 import torch
-from batch_factory import ODD_PER_TASK, random_batch
 
 from bevnext.config.stages import stage1, stage2
+from bevnext.data.synth.batches import ODD_PER_TASK, random_batch
 from bevnext.models.detector import build_model
 
 pytestmark = pytest.mark.slow
