@@ -79,7 +79,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="output folder (default work_dirs/<config name>)")
     p.add_argument("--load-from", type=Path, default=None, help="initialise the weights from this checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue exactly from CKPT (default: WORK_DIR/last.pth)")
+                   help="continue exactly from CKPT; without it (or 'auto'): WORK_DIR/last.pth, or the newest "
+                   "readable checkpoint there when last.pth is unreadable")
     p.add_argument("--device", choices=("npu", "cuda", "cpu"), default=None, help="default: npu > cuda > cpu")
     p.add_argument("--seed", type=int, default=None, help="base seed (default runtime.seed = 0)")
 
@@ -95,12 +96,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.seed={args.seed}")
     run = load_run(args.config, overrides)
     work_dir = args.work_dir or Path("work_dirs") / run.name
-    resume = args.resume
-    if resume == "auto":
-        resume = work_dir / "last.pth"
-        if not resume.is_file():
-            raise BevnextError(f"--resume: no {resume} to continue from (give the checkpoint's path)")
-    train(run, work_dir, load_from=args.load_from, resume=resume)
+    train(run, work_dir, load_from=args.load_from, resume=args.resume)
     return 0
 
 

@@ -98,10 +98,10 @@ train_args=(train "$CONFIG" --work-dir "$work_dir")
 [[ -z "$DEVICE" ]] || train_args+=(--device "$DEVICE")
 if [[ -f "$resume_from" ]]; then
     # A re-run (or a restarted job) continues where the last one stopped; last.pth holds the whole state, so
-    # stage 2 does not load the stage-1 weights again. The path is given explicitly: a bare --resume would
-    # take the next argument as its value.
-    echo "Resuming ${Stage} training from $resume_from"
-    train_args+=(--resume "$resume_from")
+    # stage 2 does not load the stage-1 weights again. "auto" falls back to the newest readable checkpoint
+    # when last.pth is damaged (and keeps a bare --resume from taking the next argument as its value).
+    echo "Resuming ${Stage} training from $resume_from (or the newest readable checkpoint in $work_dir)"
+    train_args+=(--resume auto)
 elif [[ "$stage" == stage2 ]]; then
     train_args+=(--load-from "$stage1_ckpt")
 fi

@@ -74,6 +74,12 @@ class TrainConfig:
             and benchmarks.
         warmup_exclude_iters: optimizer steps left out of the steady-state throughput (first steps include
             allocator warm-up, kernel selection and loader start-up).
+        checkpoint_minutes: also write ``last.pth`` inside an epoch when this many minutes passed since the last
+            checkpoint (0: only at epoch ends, as the reference).
+        keep_checkpoints: keep the ``epoch_N.pth`` / ``epoch_N_ema.pth`` of this many newest epochs (0: all,
+            as the reference).
+        max_bad_steps: stop after this many steps in a row whose loss or gradient is not finite (each one is
+            skipped on every rank without touching the weights).
     """
 
     epochs: int = 2
@@ -99,16 +105,23 @@ class TrainConfig:
     log_every: int = 50
     max_iters: int = 0
     warmup_exclude_iters: int = 10
+    checkpoint_minutes: float = 30.0
+    keep_checkpoints: int = 0
+    max_bad_steps: int = 10
 
     def validate(self) -> None:
         """Check every value; the ``ConfigError`` names the key (``train.<field>``)."""
-        positive = ("epochs", "batch_size", "grad_accum", "log_every")
+        positive = ("epochs", "batch_size", "grad_accum", "log_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected an integer >= 1")
-        for name in ("num_workers", "max_iters", "warmup_iters", "warmup_exclude_iters", "ema_init_updates"):
+        for name in ("num_workers", "max_iters", "warmup_iters", "warmup_exclude_iters", "ema_init_updates",
+                     "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected an integer >= 0")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"train.checkpoint_minutes={self.checkpoint_minutes}: expected >= 0 (0 = epoch ends "
+                              "only)")
         if self.prefetch_factor < 1:
             raise ConfigError(f"train.prefetch_factor={self.prefetch_factor}: expected an integer >= 1")
         if not self.lr > 0:

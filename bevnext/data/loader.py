@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -85,25 +86,35 @@ class SkipFirst(Sampler[int]):
 
 
 def loader_worker_setup(num_workers: int) -> Callable[[int], None] | None:
-    """Limit OpenCV to one thread in loader workers; returns the ``worker_init_fn`` to use (or None).
+    """Prepare loader workers; returns the ``worker_init_fn`` to use (None without workers).
 
-    Workers decode and warp images; letting OpenCV in each of them start a thread per core oversubscribes
-    the cores the training step computes on, which slows the step far more than it speeds up loading
-    (torch itself already runs one thread per worker). Forked workers inherit the setting from this
+    Threads: workers decode and warp images; letting OpenCV in each of them start a thread per core
+    oversubscribes the cores the training step computes on, which slows the step far more than it speeds up
+    loading (torch itself already runs one thread per worker). Forked workers inherit the setting from this
     process, so it is made here, before they start: calling ``cv2.setNumThreads`` inside a forked worker
     deadlocks when this process's OpenCV thread pool was busy at the fork. Spawned workers (macOS, Windows)
-    start fresh and set it themselves. With ``num_workers == 0`` nothing changes.
+    start fresh and set it themselves.
+
+    Signals: workers ignore SIGINT and SIGTERM. Ctrl-C reaches every process of the terminal's group and a
+    scheduler's SIGTERM may too; the training process handles them (it saves at the next step boundary),
+    which needs its workers alive until then. They still exit with the training process.
     """
     if num_workers <= 0:
         return None
     if multiprocessing.get_start_method(allow_none=True) in (None, "fork"):
         image_io.set_opencv_threads(1)
-        return None
+        return _init_forked_worker
     return _init_spawned_worker
 
 
-def _init_spawned_worker(worker_id: int) -> None:
+def _init_forked_worker(worker_id: int) -> None:
     del worker_id
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _init_spawned_worker(worker_id: int) -> None:
+    _init_forked_worker(worker_id)
     image_io.set_opencv_threads(1)
 
 

@@ -1,19 +1,27 @@
 """The training loop: ``train(run, work_dir, ...)`` runs one ``RunConfig`` on 1..N processes (torchrun).
 
 One iteration, top to bottom (``_train_epochs``): take ``grad_accum`` batches from the loader, move each to
-the device, ``losses = model(batch)`` under autocast, check the total is finite on every rank, backward
+the device, ``losses = model(batch)`` under autocast, agree across ranks that the loss is finite, backward
 (gradient all-reduce only on the last micro-batch), unscale and clip, optimizer step at the scheduled
-learning rate, EMA update, then the periodic ``if`` blocks: a log line, and at the end of an epoch the
-checkpoints. No hooks.
+learning rate, EMA update; then the periodic ``if`` blocks: a log line, a checkpoint when
+``train.checkpoint_minutes`` have passed or a stop signal arrived, and the epoch's checkpoints at its end.
+No hooks.
 
 The reference's behaviour (``reference/bevnext-model.md`` §5): AdamW with weight decay on every parameter,
 200-step linear warm-up from 0.001 x lr then constant, gradient clipping at norm 5, the MEGVII EMA created
 after ``--load-from``, SyncBatchNorm from stage 2's epoch 8, class-balanced sampling, ``set_epoch`` on
 sampler and dataset, per-rank seeds, ``find_unused_parameters`` off, ``broadcast_buffers`` off.
 
+Beyond it, a run loses nothing: ``last.pth`` is also written inside an epoch (with the position in the
+epoch's sampler order, so a resume sees exactly the batches an uninterrupted run would), SIGTERM / SIGINT
+save at the next step boundary on every rank and stop, a step whose loss or gradient is not finite on any
+rank is skipped on all of them, a failed save keeps the previous checkpoint and is retried, and a restarted
+torchrun worker group continues from the work dir by itself.
+
 Files in the work dir: ``config.json`` (the resolved run; ``bevnext train config.json`` repeats it),
 ``environment.json``, ``log.txt``, ``metrics.jsonl``, ``epoch_N.pth`` / ``epoch_N_ema.pth`` (the reference's
-names and layouts), ``last.pth`` (everything for an exact continuation) and ``train_summary.json``.
+names and layouts), ``last.pth`` (the latest state) and ``train_summary.json``; see
+``bevnext.engine.train_state`` for what a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +43,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bevnext import __version__
 from bevnext.config.run import RunConfig
 from bevnext.data.loader import TrainLoader, build_train_loader
 from bevnext.engine import dist as bdist
 from bevnext.engine.checkpoint import (
+    CheckpointError,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -58,20 +67,31 @@ from bevnext.engine.ema import ModelEMA, unwrap_model
 from bevnext.engine.environment import collect_environment, format_environment
 from bevnext.engine.metrics import MetricWriter, SmoothedValue, format_eta, setup_logging
 from bevnext.engine.schedule import lr_factor, set_lr
+from bevnext.engine.train_state import (
+    Position,
+    check_resumable,
+    find_resumable,
+    full_checkpoint,
+    save_epoch_files,
+)
 from bevnext.errors import BevnextError
 from bevnext.io import atomic_write_json
 from bevnext.models.detector import build_model
-from bevnext.structures import CLASSES
 
 logger = logging.getLogger("bevnext.train")
 
-TRAIN_STATE_FORMAT = "bevnext-train-state"
-"""``last.pth``'s ``format`` entry, checked on ``--resume``."""
-TRAIN_STATE_VERSION = 1
+MAX_FAILED_SAVES = 3
+"""Saves in a row that may fail (full disk, quota, unwritable folder) before the run stops: a passing problem
+costs nothing (the previous checkpoint stays intact and the next one is tried at the next checkpoint time),
+but a run must not go on for hours without any way to keep its progress."""
 
 
 class TrainingError(BevnextError):
-    """Training cannot continue (non-finite loss, a resume that does not fit the run, ...)."""
+    """Training cannot continue (too many non-finite steps, saves that keep failing, ...)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """A stop signal (SIGTERM, SIGINT) arrived; the state was saved at a step boundary."""
 
 
 @dataclass
@@ -146,19 +166,6 @@ def _maybe_sync_bn(model: nn.Module, wrapped: nn.Module, run: RunConfig, epoch: 
     return _wrap(model, info), True
 
 
-def _check_resume(state: dict[str, Any], path: Path, run: RunConfig) -> None:
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise TrainingError(f"{path}: not a bevnext training state (expected 'format': {TRAIN_STATE_FORMAT!r}; "
-                            "use --load-from to initialise from weights only)")
-    saved = state.get("config", {})
-    if saved.get("model") != run.to_dict()["model"]:
-        raise TrainingError(f"{path}: saved for another model configuration; resume with its config.json")
-    same = {k: v for k, v in run.to_dict()["train"].items() if saved.get("train", {}).get(k) != v}
-    if same and bdist.is_main_process():
-        logger.warning("resuming with train settings that differ from %s: %s", path,
-                       ", ".join(f"{k}={v!r}" for k, v in sorted(same.items())))
-
-
 def _log_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
               losses: dict[str, float], lr: float, grad_norm: float, data_t: SmoothedValue,
               step_t: SmoothedValue, samples_per_s: float, eta_s: float, mem: dict[str, float]) -> str:
@@ -175,6 +182,64 @@ def _log_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int,
 # The run.
 
 
+
+class _StopSignals:
+    """Turns the first SIGTERM / SIGINT into a request to save at the next step boundary and stop.
+
+    A second SIGINT (Ctrl-C pressed again) stops at once with ``KeyboardInterrupt``. Handlers are only
+    installed from the main thread (Python's rule) and are restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del frame
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: saving at the end of this step, then stopping (Ctrl-C again stops at once)",
+                       self.received)
+
+
+def _resolve_resume(resume: str | Path | None, work_dir: Path, run: RunConfig,
+                    info: bdist.DistInfo) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from (``"auto"``: ``last.pth`` or the newest readable one), loaded."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if resume is None and restart > 0:
+        # torchrun restarted the worker group after a failure: pick up from the work dir without being asked.
+        if not any(work_dir.glob("*.pth")):
+            if info.is_main:
+                logger.info("worker group restart %d: no checkpoint in %s yet, starting over", restart, work_dir)
+            return None
+        resume = "auto"
+        if info.is_main:
+            logger.info("worker group restart %d: continuing from the work dir's checkpoint", restart)
+    if resume is None:
+        return None
+    model_config = run.to_dict()["model"]
+    if str(resume) == "auto":
+        path, ckpt, why = find_resumable(work_dir, model_config)
+        if info.is_main:
+            logger.info("resuming from %s (%s)", path, why)
+        return path, ckpt
+    path = Path(resume)
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, model_config)
+    return path, ckpt
+
+
 def train(
     run: RunConfig,
     work_dir: str | Path,
@@ -189,12 +254,14 @@ def train(
         work_dir: output folder (created).
         load_from: initialise the weights from this checkpoint (ours or the reference's) before the EMA is
             created; prints what loaded, what did not fit and what is missing.
-        resume: continue exactly from this ``last.pth`` (model, EMA, optimizer, scaler, schedule position,
-            sampler position, RNG states).
+        resume: continue exactly from this checkpoint (model, EMA, optimizer, scaler, schedule and sampler
+            position, RNG states); ``"auto"``: ``work_dir/last.pth``, or the newest readable checkpoint there
+            when it is unreadable. After a torchrun restart (``--max-restarts``) the run resumes by itself.
 
     Raises:
-        BevnextError: bad data, checkpoint, device or configuration, in one line; ``TrainingError`` for a
-            non-finite loss (naming the last checkpoint).
+        BevnextError: bad data, checkpoint, device or configuration, in one line. ``TrainingInterrupted``
+            after a stop signal (the state is saved); ``TrainingError`` when too many steps in a row are not
+            finite or saves keep failing (naming the last good checkpoint).
     """
     t_start = time.perf_counter()
     run.validate()
@@ -238,44 +305,33 @@ def train(
     if steps_per_epoch < 1:
         raise TrainingError(f"an epoch has {data.batches_per_epoch()} batches per process, fewer than "
                             f"train.grad_accum={t.grad_accum}")
-
     if info.is_main:
         global_batch = t.batch_size * info.world_size * t.grad_accum
         logger.info("global batch %d = %d per device x %d process(es) x %d accumulation step(s); %d steps per epoch"
                     "%s", global_batch, t.batch_size, info.world_size, t.grad_accum, steps_per_epoch,
                     "" if global_batch == 64 else " (the reference trains with 64: adjust train.grad_accum or "
                     "train.lr to compare)")
-    start_epoch, start_step_in_epoch, global_step = 0, 0, 0
-    if resume is not None:
-        state = load_checkpoint(resume)
-        _check_resume(state, Path(resume), run)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, start_step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        global_step = int(state["global_step"])
-        rngs = state.get("rng", [])
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank])
-        elif info.is_main:
-            logger.warning("%s was saved by %d processes, this run has %d: RNG states are not restored",
-                           resume, len(rngs), info.world_size)
-        if info.is_main:
-            logger.info("resumed from %s: epoch %d, step %d of %d in the epoch, global step %d", resume,
-                        start_epoch + 1, start_step_in_epoch, steps_per_epoch, global_step)
 
-    if start_epoch >= t.epochs and info.is_main:
-        logger.info("%s: all %d epochs are already done; nothing left to train (raise train.epochs to continue)",
-                    resume, t.epochs)
-    wrapped = _wrap(model, info)
-    ctx = _LoopContext(run=run, info=info, work_dir=work_dir, model=model, wrapped=wrapped, ema=ema,
+    ctx = _LoopContext(run=run, info=info, work_dir=work_dir, model=model, wrapped=model, ema=ema,
                        optimizer=optimizer, base_lrs=base_lrs, scaler=scaler, data=data,
-                       steps_per_epoch=steps_per_epoch, global_step=global_step)
+                       steps_per_epoch=steps_per_epoch, environment=env)
+    start = Position(0, 0, 0)
+    found = _resolve_resume(resume, work_dir, run, info)
+    if found is not None:
+        path, ckpt = found
+        start = _restore(ctx, ckpt, path)
+    if start.epoch >= t.epochs and info.is_main:
+        logger.info("all %d epochs are already done; nothing left to train (raise train.epochs to continue)",
+                    t.epochs)
+    ctx.wrapped = _wrap(model, info)
+    ctx.global_step = start.global_step
+    if info.is_main:
+        _remove_stale_temp_files(work_dir)
     writer = MetricWriter(work_dir, enabled=info.is_main)
     try:
-        _train_epochs(ctx, writer, start_epoch, start_step_in_epoch)
+        with _StopSignals() as stop:
+            ctx.stop = stop
+            _train_epochs(ctx, writer, start.epoch, start.step_in_epoch)
     finally:
         writer.close()
 
@@ -292,8 +348,8 @@ def train(
         summary = {
             "final_performance_samples_per_s": final_fps, "steady_samples_per_s": steady_fps,
             "warmup_excluded_steps": t.warmup_exclude_iters, "duration_s": duration, "steps": ctx.global_step,
-            "global_batch": global_batch, "world_size": info.world_size, "device": str(device),
-            "peak_memory_mb": memory_stats(device),
+            "skipped_steps": ctx.bad_steps, "global_batch": global_batch, "world_size": info.world_size,
+            "device": str(device), "peak_memory_mb": memory_stats(device),
         }
         atomic_write_json(work_dir / "train_summary.json", summary, indent=2)
         # The first line is the reference scripts' figure (warm-up included, "images/sec" = samples/s).
@@ -320,11 +376,47 @@ class _LoopContext:
     scaler: Any
     data: TrainLoader
     steps_per_epoch: int
+    environment: dict[str, Any]
+    stop: _StopSignals | None = None
     global_step: int = 0
     epochs_done: int = 0
     syncbn_done: bool = False
+    bad_steps: int = 0
+    bad_in_a_row: int = 0
+    failed_saves: int = 0
+    last_good_checkpoint: Path | None = None
+    last_save_time: float = dataclasses.field(default_factory=time.monotonic)
     step_times: list[float] = dataclasses.field(default_factory=list)
     last_losses: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _restore(c: _LoopContext, ckpt: dict[str, Any], path: Path) -> Position:
+    """Load a full checkpoint into the run (before DDP wraps the model); returns where to continue."""
+    state = ckpt["train_state"]
+    c.model.load_state_dict(ckpt["state_dict"])
+    c.optimizer.load_state_dict(ckpt["optimizer"])
+    c.scaler.load_state_dict(state["scaler"])
+    if c.ema is not None and state.get("ema") is not None:
+        c.ema.load_state_dict(state["ema"])
+    c.bad_steps = int(state.get("bad_steps", 0))
+    c.epochs_done = int(state["epoch"])
+    c.last_good_checkpoint = path
+    rngs = state.get("rng", [])
+    if len(rngs) == c.info.world_size:
+        set_rng_state(rngs[c.info.rank])
+    elif c.info.is_main:
+        logger.warning("%s was saved by %d processes, this run has %d: RNG states are not restored", path,
+                       len(rngs), c.info.world_size)
+    saved_train = state.get("config", {}).get("train", {})
+    changed = {k: v for k, v in c.run.to_dict()["train"].items() if saved_train.get(k) != v}
+    pos = Position(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+    if c.info.is_main:
+        if changed:
+            logger.warning("resuming with train settings that differ from %s: %s", path,
+                           ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+        logger.info("resumed from %s: epoch %d, step %d of %d in the epoch, global step %d", path, pos.epoch + 1,
+                    pos.step_in_epoch, c.steps_per_epoch, pos.global_step)
+    return pos
 
 
 def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start_step: int) -> None:
@@ -337,7 +429,6 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
         total_steps = min(total_steps, t.max_iters)
     data_t, step_t = SmoothedValue(t.log_every), SmoothedValue(t.log_every)
     reset_peak_memory(device)
-    c.epochs_done = start_epoch
     for epoch in range(start_epoch, t.epochs):
         if c.global_step >= total_steps:
             break
@@ -355,10 +446,13 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
             c.optimizer.zero_grad(set_to_none=True)
             step_losses: dict[str, torch.Tensor] = {}
             data_time = 0.0
+            skip_reason: str | None = None
             for micro in range(t.grad_accum):
                 t_data = time.perf_counter()
                 batch = next(batches).to(device, non_blocking=True)
                 data_time += time.perf_counter() - t_data
+                if skip_reason is not None:
+                    continue  # the step is skipped, but its batches are consumed: the data order stays aligned
                 last_micro = micro == t.grad_accum - 1
                 # Gradients are all-reduced once per optimizer step, on the last micro-batch.
                 sync = contextlib.nullcontext() if last_micro or not info.is_distributed else c.wrapped.no_sync()
@@ -366,17 +460,31 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
                     with autocast(device, t.precision):
                         losses = c.wrapped(batch, reduce_fn=reduce_fn)
                     total = sum(losses.values())
-                    _check_finite(total, losses, epoch, step_in_epoch, c)
+                    for k, v in losses.items():
+                        step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / t.grad_accum
+                    # Every rank must take the same branch: one skipping its backward alone would leave the
+                    # others waiting in the gradient all-reduce.
+                    if not _finite_on_all_ranks(total, info):
+                        skip_reason = "non-finite loss (" + _non_finite_terms(losses) + ")"
+                        continue
                     c.scaler.scale(total / t.grad_accum).backward()
-                for k, v in losses.items():
-                    step_losses[k] = step_losses.get(k, 0.0) + v.detach().float() / t.grad_accum
-            c.scaler.unscale_(c.optimizer)
-            max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(c.model.parameters(), max_norm)
-            c.scaler.step(c.optimizer)
-            c.scaler.update()
-            if c.ema is not None:
-                c.ema.update(c.model)
+            grad_norm = torch.tensor(float("nan"))
+            if skip_reason is None:
+                c.scaler.unscale_(c.optimizer)
+                max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(c.model.parameters(), max_norm)
+                # The gradients are all-reduced, so every rank sees the same norm. With fp16 an overflow is the
+                # loss scaler's business: it skips the update and lowers the scale by itself.
+                if not torch.isfinite(grad_norm) and not c.scaler.is_enabled():
+                    skip_reason = "non-finite gradient norm"
+            if skip_reason is None:
+                c.scaler.step(c.optimizer)
+                c.scaler.update()
+                if c.ema is not None:
+                    c.ema.update(c.model)
+                c.bad_in_a_row = 0
+            else:
+                _skip_step(c, skip_reason, epoch, step_in_epoch)
             c.global_step += 1
             step_in_epoch += 1
             synchronize(device)
@@ -387,8 +495,8 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
             t_last = now
 
             # ---- periodic: log --------------------------------------------------------------------------
-            is_last = step_in_epoch == c.steps_per_epoch or c.global_step == total_steps
-            if c.global_step % t.log_every == 0 or is_last:
+            finished = step_in_epoch == c.steps_per_epoch
+            if c.global_step % t.log_every == 0 or finished or c.global_step == total_steps:
                 names = sorted(step_losses)
                 values = bdist.all_reduce_mean(torch.stack([step_losses[k] for k in names]))
                 c.last_losses = {k: float(v) for k, v in zip(names, values.tolist())}
@@ -403,15 +511,78 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
                         "epoch": epoch + 1, "iter": step_in_epoch, "loss": sum(c.last_losses.values()),
                         **c.last_losses, "lr": lr, "grad_norm": float(grad_norm), "data_time": data_t.avg,
                         "time": step_t.avg, "samples_per_s": global_batch / step_t.avg, "eta_s": eta,
-                        **{f"{k}": v for k, v in mem.items()},
+                        "skipped_steps": c.bad_steps, **mem,
                     })
+
+            # ---- periodic: a checkpoint inside the epoch, a stop signal ----------------------------------
+            stop, due = _stop_or_checkpoint_due(c)
+            here = Position(epoch + 1, 0, c.global_step) if finished else Position(epoch, step_in_epoch, c.global_step)
+            ends_here = finished or c.global_step >= total_steps  # then the epoch-end block below saves
+            if stop or (due and not ends_here):
+                _save(c, here, final=stop)
+            if stop:
+                where = c.last_good_checkpoint or c.work_dir / "last.pth"
+                raise TrainingInterrupted(f"stopped by {c.stop.received if c.stop and c.stop.received else 'a signal'}"
+                                          f" at epoch {epoch + 1}, step {step_in_epoch} of {c.steps_per_epoch}; "
+                                          f"saved {where} — continue with --resume")
+
         # ---- periodic: checkpoints at the end of an epoch, or where the run stops --------------------
-        finished = step_in_epoch == c.steps_per_epoch
-        if finished:
+        if step_in_epoch == c.steps_per_epoch:
             c.epochs_done = epoch + 1
-        _save(c, epoch, step_in_epoch, finished)
-        if not finished:
+            last = epoch + 1 == t.epochs or c.global_step >= total_steps
+            _save(c, Position(epoch + 1, 0, c.global_step), final=last)
+        else:
+            _save(c, Position(epoch, step_in_epoch, c.global_step), final=True)
             break
+
+
+def _remove_stale_temp_files(work_dir: Path) -> None:
+    """Delete half-written checkpoint temporaries of a run that was killed while saving (never read)."""
+    for tmp in work_dir.glob(".*.pth.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted save", tmp.name)
+
+
+def _finite_on_all_ranks(total: torch.Tensor, info: bdist.DistInfo) -> bool:
+    bad = torch.tensor(0.0 if bool(torch.isfinite(total.detach()).all()) else 1.0)
+    if info.is_distributed:
+        bad = bdist.all_reduce_mean(bad)
+    return float(bad) == 0.0
+
+
+def _non_finite_terms(losses: dict[str, torch.Tensor], most: int = 3) -> str:
+    terms = [f"{k}={float(v.detach()):.4g}" for k, v in losses.items() if not bool(torch.isfinite(v).all())]
+    if not terms:
+        return "on another rank"
+    more = f" and {len(terms) - most} more" if len(terms) > most else ""
+    return ", ".join(terms[:most]) + more
+
+
+def _skip_step(c: _LoopContext, reason: str, epoch: int, step_in_epoch: int) -> None:
+    """Drop this step's gradients: no optimizer, scaler or EMA update; stop after too many in a row."""
+    c.optimizer.zero_grad(set_to_none=True)
+    c.bad_steps += 1
+    c.bad_in_a_row += 1
+    limit = c.run.train.max_bad_steps
+    if c.info.is_main:
+        logger.warning("skipped step %d (epoch %d, iteration %d): %s; %d skipped so far, %d in a row (limit %d)",
+                       c.global_step + 1, epoch + 1, step_in_epoch + 1, reason, c.bad_steps, c.bad_in_a_row, limit)
+    if c.bad_in_a_row >= limit:
+        last = c.last_good_checkpoint
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise TrainingError(f"{c.bad_in_a_row} steps in a row were not finite (train.max_bad_steps={limit}; "
+                            f"last: {reason}); stopping — {where}")
+
+
+def _stop_or_checkpoint_due(c: _LoopContext) -> tuple[bool, bool]:
+    """Whether any rank got a stop signal, and whether rank 0's checkpoint clock ran out; the same on all ranks."""
+    minutes = c.run.train.checkpoint_minutes
+    due = minutes > 0 and c.info.is_main and time.monotonic() - c.last_save_time >= minutes * 60
+    got_signal = c.stop is not None and c.stop.received is not None
+    flags = torch.tensor([float(got_signal), float(due)])
+    if c.info.is_distributed:
+        flags = bdist.all_reduce_mean(flags)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -421,57 +592,51 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return {f"peak_{key}": stats[key]} if key in stats else {}
 
 
-def _check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], epoch: int, step: int,
-                  c: _LoopContext) -> None:
-    """Stop every rank together when any rank's loss is not finite (a lone rank would hang the others)."""
-    bad = torch.tensor(0.0 if torch.isfinite(total.detach()).item() else 1.0)
-    if c.info.is_distributed:
-        bad = bdist.all_reduce_mean(bad)
-    if float(bad) > 0:
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if not torch.isfinite(v).all())
-        last = c.work_dir / "last.pth"
-        where = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise TrainingError(f"non-finite loss at epoch {epoch + 1}, iteration {step + 1} "
-                            f"({detail or 'on another rank'}); {where}")
+def _save(c: _LoopContext, pos: Position, final: bool = False) -> None:
+    """Write a full checkpoint at ``pos``: the epoch's files at an epoch end, else ``last.pth`` alone.
 
-
-def _save(c: _LoopContext, epoch: int, step_in_epoch: int, finished: bool) -> None:
-    """Write the checkpoints of this point: ``epoch_N*.pth`` after a whole epoch, ``last.pth`` always."""
+    Rank 0 writes; every rank learns whether it worked. A failed write leaves the previous files intact and
+    is retried at the next checkpoint; after ``MAX_FAILED_SAVES`` in a row, or when nothing later would retry
+    (``final``: the run ends or stops here), the run stops with ``TrainingError``.
+    """
     rngs = bdist.all_gather_object(rng_state())  # every rank's generators, for an exact continuation
-    if not c.info.is_main:
-        bdist.barrier()
+    error = ""
+    if c.info.is_main:
+        t = c.run.train
+        payload = full_checkpoint(
+            model_state=unwrap_model(c.model).state_dict(), optimizer_state=c.optimizer.state_dict(),
+            ema_state=c.ema.state_dict() if c.ema is not None else None, scaler_state=c.scaler.state_dict(),
+            base_lrs=c.base_lrs, position=pos, rngs=rngs, config=c.run.to_dict(), environment=c.environment,
+            bad_steps=c.bad_steps,
+        )
+        try:
+            if pos.step_in_epoch == 0 and pos.epoch > 0:
+                written = save_epoch_files(c.work_dir, payload, payload["train_state"]["ema"], pos.epoch,
+                                           t.keep_checkpoints)
+                c.last_good_checkpoint = written[0]
+            else:
+                save_checkpoint(c.work_dir / "last.pth", payload)
+                written = [c.work_dir / "last.pth"]
+                c.last_good_checkpoint = written[0]
+            logger.info("saved %s (epoch %d, step %d in the epoch, global step %d)",
+                        ", ".join(p.name for p in written), pos.epoch + (pos.step_in_epoch > 0), pos.step_in_epoch,
+                        pos.global_step)
+        except CheckpointError as err:
+            error = str(err)
+    failed = bdist.all_gather_object(error)[0] if c.info.is_distributed else error
+    c.last_save_time = time.monotonic()
+    if not failed:
+        c.failed_saves = 0
         return
-    n = epoch + 1
-    model_sd = unwrap_model(c.model).state_dict()
-    config = c.run.to_dict()
-    if finished:
-        meta = {"epoch": n, "iter": c.global_step, "bevnext_version": __version__, "CLASSES": list(CLASSES),
-                "config": json.dumps(config)}
-        # The reference's layouts: mmcv's {meta, state_dict, optimizer} and the EMA hook's file.
-        save_checkpoint(c.work_dir / f"epoch_{n}.pth",
-                        {"meta": meta, "state_dict": model_sd, "optimizer": c.optimizer.state_dict()})
-        if c.ema is not None:
-            save_checkpoint(c.work_dir / f"epoch_{n}_ema.pth",
-                            {"state_dict": c.ema.module.state_dict(), "epoch": n, "updates": c.ema.updates})
-    state = {
-        "format": TRAIN_STATE_FORMAT,
-        "version": TRAIN_STATE_VERSION,
-        "model": model_sd,
-        "ema": c.ema.state_dict() if c.ema is not None else None,
-        "optimizer": c.optimizer.state_dict(),
-        "scaler": c.scaler.state_dict(),
-        "scheduler": {"base_lrs": c.base_lrs, "global_step": c.global_step},
-        "epoch": n if finished else epoch,
-        "step_in_epoch": 0 if finished else step_in_epoch,
-        "global_step": c.global_step,
-        "rng": rngs,
-        "config": config,
-        "environment": collect_environment(),
-    }
-    save_checkpoint(c.work_dir / "last.pth", state)
-    logger.info("saved %s%s", c.work_dir / "last.pth",
-                f" and epoch_{n}.pth" + (f", epoch_{n}_ema.pth" if c.ema is not None else "") if finished else "")
-    bdist.barrier()
+    c.failed_saves += 1
+    last = c.last_good_checkpoint
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    if final or c.failed_saves >= MAX_FAILED_SAVES:
+        why = "the run's last save failed" if final else f"{c.failed_saves} saves in a row failed"
+        raise TrainingError(f"{failed}; {why}, stopping — {kept}")
+    if c.info.is_main:
+        logger.error("%s; %s, training continues and the next checkpoint retries (%d of %d failures allowed in "
+                     "a row)", failed, kept, c.failed_saves, MAX_FAILED_SAVES - 1)
 
 
-__all__ = ["TRAIN_STATE_FORMAT", "TrainResult", "TrainingError", "train"]
+__all__ = ["MAX_FAILED_SAVES", "TrainResult", "TrainingError", "TrainingInterrupted", "train"]

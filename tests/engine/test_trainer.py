@@ -162,9 +162,9 @@ def test_two_process_training_ends_with_identical_parameters(tmp_path, tiny_synt
         "the two ranks should have trained on different batches (their BatchNorm statistics are equal)")
     # ... and rank 0's checkpoint holds those parameters.
     state = _peek(work / "last.pth")
-    assert state["global_step"] == 3
+    assert state["train_state"]["global_step"] == 3
     for name, value in r0["params"].items():
-        assert torch.equal(state["model"][name], value), name
+        assert torch.equal(state["state_dict"][name], value), name
     summary = json.loads((work / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
 
@@ -185,7 +185,7 @@ def test_two_node_run_on_localhost(tmp_path, tiny_synth_root):
         procs.append(_start(cmd, tmp_path))
     _finish(procs, timeout=240)
     assert (work / "last.pth").is_file()
-    assert _peek(work / "last.pth")["global_step"] == 2
+    assert _peek(work / "last.pth")["train_state"]["global_step"] == 2
     summary = json.loads((work / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert sorted(_metrics(work)) == [1, 2]
@@ -212,7 +212,7 @@ def test_resume_is_exact(tmp_path, tiny_synth_root):
     straight, split = tmp_path / "straight", tmp_path / "split"
     _bevnext_train([*common, "--work-dir", str(straight), "train.max_iters=6", "train.num_workers=1"], tmp_path)
     _bevnext_train([*common, "--work-dir", str(split), "train.max_iters=3", "train.num_workers=0"], tmp_path)
-    first = load_checkpoint(split / "last.pth")
+    first = load_checkpoint(split / "last.pth")["train_state"]
     assert (first["epoch"], first["step_in_epoch"], first["global_step"]) == (0, 3, 3)
     out = _bevnext_train([*common, "--work-dir", str(split), "train.max_iters=6", "train.num_workers=0",
                           "--resume"], tmp_path)
@@ -226,18 +226,19 @@ def test_resume_is_exact(tmp_path, tiny_synth_root):
         assert (ma[step]["lr"], ma[step]["grad_norm"]) == (mb[step]["lr"], mb[step]["grad_norm"])
 
     a, b = load_checkpoint(straight / "last.pth"), load_checkpoint(split / "last.pth")
-    assert (a["epoch"], a["step_in_epoch"], a["global_step"]) == (b["epoch"], b["step_in_epoch"],
-                                                                  b["global_step"]) == (1, 2, 6)
-    _assert_tensors_equal(a["model"], b["model"], "model weights")
-    _assert_tensors_equal(a["ema"]["state_dict"], b["ema"]["state_dict"], "EMA weights")
-    assert a["ema"]["updates"] == b["ema"]["updates"]
+    sa, sb = a["train_state"], b["train_state"]
+    assert (sa["epoch"], sa["step_in_epoch"], sa["global_step"]) == (sb["epoch"], sb["step_in_epoch"],
+                                                                     sb["global_step"]) == (1, 2, 6)
+    _assert_tensors_equal(a["state_dict"], b["state_dict"], "model weights")
+    _assert_tensors_equal(sa["ema"]["state_dict"], sb["ema"]["state_dict"], "EMA weights")
+    assert sa["ema"]["updates"] == sb["ema"]["updates"]
     opt_a, opt_b = a["optimizer"], b["optimizer"]
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys() and len(opt_a["state"]) > 0
     for index, state in opt_a["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[key], opt_b["state"][index][key]), f"optimizer state {index}.{key}"
-    assert a["scaler"] == b["scaler"]
+    assert sa["scaler"] == sb["scaler"]
 
 
 # ------------------------------------------------------------------------- 5. / 6. learning and bf16
@@ -396,6 +397,6 @@ def test_config_json_repeats_the_run(tmp_path, stage1_run):
     assert sorted(m1) == sorted(m2) == [1, 2]
     for step in (1, 2):
         assert _losses(m1[step]) == _losses(m2[step]), f"losses of step {step}"
-    # The epoch file has the reference's layout.
+    # The epoch file has the reference's layout (mmcv's three entries), plus what a resume needs.
     epoch = load_checkpoint(again / "epoch_1.pth")
-    assert set(epoch) == {"meta", "state_dict", "optimizer"} and epoch["meta"]["epoch"] == 1
+    assert set(epoch) == {"meta", "state_dict", "optimizer", "train_state"} and epoch["meta"]["epoch"] == 1
