@@ -138,7 +138,7 @@ def synth_data(tmp_path_factory) -> Path:
                   "225", "--seed", "0", "--no-progress"],
                  ["create-data", "--data-root", str(root), "--version", "v1.0-synth", "--no-progress"]):
         out = subprocess.run([sys.executable, "-m", "bevnext", *args], env=_env(), capture_output=True, text=True,
-                             timeout=180)
+                             timeout=600)
         assert out.returncode == 0, _tail(out)
     return root
 
@@ -152,7 +152,7 @@ def _tiny_overrides(data_root: Path) -> list[str]:
 
 
 def _train(script: Path, config: str, *args: str) -> subprocess.CompletedProcess:
-    return _bash(script, *args, timeout=300, NPROC_PER_NODE="2", DEVICE="cpu", CONFIG=config,
+    return _bash(script, *args, timeout=900, NPROC_PER_NODE="2", DEVICE="cpu", CONFIG=config,
                  MASTER_PORT=str(_free_port()))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     src = Path(path)
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch 2.1's weights_only unpickler warns about its own use of TypedStorage on every load.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            obj = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{src}: no such checkpoint file") from None
     except IsADirectoryError:

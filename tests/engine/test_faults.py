@@ -140,7 +140,7 @@ def _common(root: Path) -> list[str]:
             "train.num_workers=0", "train.log_every=1", "runtime.deterministic=true", "runtime.num_threads=1"]
 
 
-def _ok(proc: _Proc, timeout: float = 180) -> str:
+def _ok(proc: _Proc, timeout: float = 600) -> str:
     rc = proc.wait(timeout)
     assert rc == 0, f"{proc.name} exited {rc}: {proc.describe()}"
     return proc.stdout
@@ -260,7 +260,7 @@ def test_sigkill_while_writing_checkpoint_keeps_previous_and_resumes(tmp_path, t
         return False
 
     proc.wait_until("a half-written temp file of last.pth next to an older last.pth",
-                    half_written_over_an_older_last, 120, poll=0.002)
+                    half_written_over_an_older_last, 600, poll=0.002)
     proc.kill_group(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     leftovers = [p for p in work.iterdir() if p.name.startswith(".last.pth.") and p.name.endswith(".tmp")]
@@ -292,7 +292,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_s
     work = tmp_path / "work"
     args = [*_common(tiny_synth_root), f"train.max_iters={STEPS}", "train.checkpoint_minutes=0.0001"]
     proc = start(_train_cmd("tiny_stage1", work, *args), "killed")
-    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 120)
+    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 600)
     proc.kill_group(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     killed_at = _logged_step(work)
@@ -320,12 +320,12 @@ def test_torchrun_restart_after_worker_sigkill_finishes_the_run(tmp_path, tiny_s
                     str(work), "--device", "cpu", *_common(tiny_synth_root), f"train.max_iters={STEPS}",
                     "train.checkpoint_minutes=0.0001")
     proc = start(cmd, "torchrun")
-    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 150)
+    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 600)
     workers = [pid for pid in _children(proc.pid)
                if b"bevnext" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 1, workers
     os.kill(workers[0], signal.SIGKILL)
-    out = _ok(proc, timeout=180)
+    out = _ok(proc, timeout=600)
     log = (work / "log.txt").read_text()
     assert "worker group restart 1: continuing from the work dir's checkpoint" in log, out
     assert f"resuming from {work / 'last.pth'}" in log
@@ -346,9 +346,9 @@ def test_sigterm_saves_stops_and_resume_equals_uninterrupted_run(tmp_path, tiny_
     work = tmp_path / "work"
     args = [*_common(tiny_synth_root), f"train.max_iters={STEPS}"]
     proc = start(_train_cmd("tiny_stage1", work, *args), "terminated")
-    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 120)
+    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 600)
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(60) == 2, proc.describe()
+    assert proc.wait(600) == 2, proc.describe()
     line = _one_error_line(proc, work / "last.pth")
     match = _STOPPED.match(line)
     assert match, line
@@ -371,9 +371,9 @@ def test_sigterm_to_torchrun_reaches_the_worker_which_saves(tmp_path, tiny_synth
     cmd = _torchrun(_free_port(), "-m", "bevnext", "train", "tiny_stage1", "--work-dir", str(work), "--device", "cpu",
                     *_common(tiny_synth_root), f"train.max_iters={STEPS}")
     proc = start(cmd, "torchrun")
-    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 150)
+    proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 600)
     os.kill(proc.pid, signal.SIGTERM)
-    rc = proc.wait(90)
+    rc = proc.wait(600)
     assert rc != 0, proc.describe()
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: stopped by SIGTERM")]
     assert len(lines) == 1, proc.describe()
@@ -400,7 +400,7 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path, tiny_synth_root, start):
         for r in range(2)
     ]
     for proc in procs:
-        _ok(proc, timeout=180)
+        _ok(proc, timeout=600)
     r0, r1 = (torch.load(tmp_path / f"state_rank{r}.pt", weights_only=True) for r in range(2))
     assert (r0["nan_steps"], r1["nan_steps"]) == ([], [2])
     for rank, state in enumerate((r0, r1)):
@@ -432,7 +432,7 @@ def test_max_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, t
            *_common(tiny_synth_root), f"train.max_iters={STEPS}", "train.max_bad_steps=2",
            "train.checkpoint_minutes=0.0001"]
     proc = start(cmd, "nan", env=_env(FAULT_NAN_STEPS="2-", FAULT_NAN_RANK="0"))
-    assert proc.wait(120) == 2, proc.describe()
+    assert proc.wait(600) == 2, proc.describe()
     last = work / "last.pth"
     line = _one_error_line(proc)
     assert line.startswith("error: 2 steps in a row were not finite (train.max_bad_steps=2; last: non-finite "
@@ -471,7 +471,7 @@ def test_failed_saves_keep_the_previous_checkpoint(tmp_path, tiny_synth_root, st
     before = _sha256(work / "last.pth")
     args = [*_common(tiny_synth_root), "train.max_iters=8", "train.checkpoint_minutes=0.0001", "--resume"]
     proc = start(_train_cmd("tiny_stage1", work, *args), "limited", preexec_fn=_file_size_limit(16 << 20))
-    assert proc.wait(120) == 2, proc.describe()
+    assert proc.wait(600) == 2, proc.describe()
     last = work / "last.pth"
     line = _one_error_line(proc, work / "epoch_2.pth", last)
     assert line == (f"error: could not save checkpoint {work / 'epoch_2.pth'}: File too large; the run's last save "
@@ -543,7 +543,7 @@ def test_bad_checkpoint_files_are_refused_in_one_line(tmp_path, tiny_synth_root,
         for i, proc in enumerate(batch, start=first):
             option, config, key, says = _BAD_CASES[i]
             try:
-                assert proc.wait(120) == 2, f"exit {proc.popen.returncode}"
+                assert proc.wait(600) == 2, f"exit {proc.popen.returncode}"
                 line = _one_error_line(proc, files[key])
                 assert line.startswith(f"error: {files[key]}: {says}"), line
                 assert not (tmp_path / f"work{i}" / "last.pth").exists()

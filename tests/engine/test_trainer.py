@@ -76,7 +76,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outputs
 
 
-def _bevnext_train(args: list[str], cwd: Path, timeout: float = 240) -> str:
+def _bevnext_train(args: list[str], cwd: Path, timeout: float = 900) -> str:
     """One ``python -m bevnext train ...`` process on the CPU; its output."""
     return _finish([_start([sys.executable, "-m", "bevnext", "train", *args, "--device", "cpu"], cwd)], timeout)[0]
 
@@ -120,7 +120,7 @@ def test_ddp_forward_syncs_gradients_and_module_loss_does_not(tmp_path):
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
         for r in range(2)
     ]
-    _finish(procs, timeout=180)
+    _finish(procs, timeout=600)
     g0, g1 = (torch.load(tmp_path / f"grads_rank{r}.pt", weights_only=True) for r in range(2))
     n_params = len(dict(build_model(tiny(1)).named_parameters()))
     for grads in (g0, g1):
@@ -151,7 +151,7 @@ def test_two_process_training_ends_with_identical_parameters(tmp_path, tiny_synt
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(WORKER), "train", str(tmp_path), str(work), "tiny_stage1",
            *overrides]
-    _finish([_start(cmd, tmp_path)], timeout=240)
+    _finish([_start(cmd, tmp_path)], timeout=600)
     r0, r1 = (torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["global_step"] == r1["global_step"] == 3
     # Parameters only: BatchNorm running statistics are per rank by design (the reference's
@@ -183,7 +183,7 @@ def test_two_node_run_on_localhost(tmp_path, tiny_synth_root):
                *_data(tiny_synth_root), "train.max_iters=2", "train.num_workers=0", "train.log_every=1",
                "runtime.num_threads=1"]
         procs.append(_start(cmd, tmp_path))
-    _finish(procs, timeout=240)
+    _finish(procs, timeout=600)
     assert (work / "last.pth").is_file()
     assert _peek(work / "last.pth")["train_state"]["global_step"] == 2
     summary = json.loads((work / "train_summary.json").read_text())
@@ -400,3 +400,22 @@ def test_config_json_repeats_the_run(tmp_path, stage1_run):
     # The epoch file has the reference's layout (mmcv's three entries), plus what a resume needs.
     epoch = load_checkpoint(again / "epoch_1.pth")
     assert set(epoch) == {"meta", "state_dict", "optimizer", "train_state"} and epoch["meta"]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------- gradient accumulation
+@pytest.mark.slow
+def test_gradient_accumulation_takes_one_step_per_group(tmp_path, tiny_synth_root):
+    """``train.grad_accum=2``: two batches of 1 per optimizer step, so 4 batches make 2 steps per epoch."""
+    work = tmp_path / "work"
+    out = _bevnext_train(["tiny_stage1", "--work-dir", str(work), *_data(tiny_synth_root), "data.cbgs=false",
+                          "train.batch_size=1", "train.grad_accum=2", "train.epochs=1", "train.num_workers=0",
+                          "train.log_every=1"], tmp_path)
+    assert "global batch 2 = 1 per device x 1 process(es) x 2 accumulation step(s); 2 steps per epoch" in out
+    rows = _metrics(work)
+    assert sorted(rows) == [1, 2] and all(row["epoch"] == 1 for row in rows.values())
+    summary = json.loads((work / "train_summary.json").read_text())
+    assert summary["global_batch"] == 2 and summary["steps"] == 2
+    state = load_checkpoint(work / "epoch_1.pth")
+    # One AdamW update per group of two batches.
+    assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())
+    assert state["train_state"]["ema"]["updates"] == 2
