@@ -618,9 +618,9 @@ def _save(c: _LoopContext, pos: Position, final: bool = False) -> None:
                 save_checkpoint(c.work_dir / "last.pth", payload)
                 written = [c.work_dir / "last.pth"]
                 c.last_good_checkpoint = written[0]
-            logger.info("saved %s (epoch %d, step %d in the epoch, global step %d)",
-                        ", ".join(p.name for p in written), pos.epoch + (pos.step_in_epoch > 0), pos.step_in_epoch,
-                        pos.global_step)
+            where = (f"epoch {pos.epoch + 1}, step {pos.step_in_epoch} in the epoch" if pos.step_in_epoch
+                     else f"end of epoch {pos.epoch}")
+            logger.info("saved %s (%s, global step %d)", ", ".join(p.name for p in written), where, pos.global_step)
         except CheckpointError as err:
             error = str(err)
     failed = bdist.all_gather_object(error)[0] if c.info.is_distributed else error
