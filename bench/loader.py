@@ -266,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 1 or args.warmup < 0:
         parser.error("--samples must be >= 1 and --warmup >= 0")
     torch.set_num_threads(1)
+    image_io.set_opencv_threads(1)  # OpenCV would otherwise split each warp over all cores: not one worker's rate
     cv2 = image_io._opencv()
-    if cv2 is not None:
-        cv2.setNumThreads(1)  # OpenCV would otherwise split each warp over all cores: not one worker's rate
 
     print(
         f"Pillow {Image.__version__}, libjpeg-turbo: {features.check_feature('libjpeg_turbo')} "

@@ -302,9 +302,8 @@ def apply_run_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
         key = item.split("=", 1)[0].strip()
         if key in DERIVED_DATA_KEYS:
             raise ConfigError(f"config key {key!r} follows {DERIVED_DATA_KEYS[key]!r} in a run; set that instead")
-    out = apply_overrides(run, overrides)
-    # Re-derive the data geometry from the (possibly overridden) model section.
-    return dataclasses.replace(out)
+    # Every replace runs RunConfig.__post_init__, so the data geometry follows an overridden model section.
+    return apply_overrides(run, overrides)
 
 
 def run_keys() -> list[str]:

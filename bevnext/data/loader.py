@@ -23,7 +23,7 @@ from bevnext.data import image_io
 from bevnext.data.collate import collate
 from bevnext.data.dataset import BEVDataset
 from bevnext.data.infos import info_path
-from bevnext.data.sampler import CBGSSampler
+from bevnext.data.sampler import CBGSSampler, shard
 from bevnext.errors import DataError
 
 
@@ -51,9 +51,7 @@ class ShuffledShardSampler(Sampler[int]):
         order = np.arange(self.total_size)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(self.total_size)
-        padded = self.num_samples * self.world_size
-        order = np.resize(order, padded) if padded > order.size else order
-        return iter(order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples].tolist())
+        return iter(shard(order, self.rank, self.world_size).tolist())
 
     def __len__(self) -> int:
         return self.num_samples

@@ -90,6 +90,16 @@ def cbgs_indices(
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
+def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous share of one epoch list, padded by wrapping around to equal shares.
+
+    Every rank gets ``ceil(len(indices) / world_size)`` positions, so all ranks take the same number of steps.
+    """
+    per_rank = math.ceil(indices.size / world_size)
+    padded = np.resize(indices, per_rank * world_size)  # repeats from the start where it must grow
+    return padded[rank * per_rank : (rank + 1) * per_rank]
+
+
 class CBGSSampler(Sampler[int]):
     """Class-balanced group sampling over a dataset's infos, shuffled, sharded across ranks.
 
@@ -153,15 +163,10 @@ class CBGSSampler(Sampler[int]):
         return indices[rng.permutation(indices.size)] if self.shuffle else indices.copy()
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.epoch_indices()
-        padded = self.num_samples * self.world_size
-        if padded > indices.size:
-            indices = np.concatenate([indices, np.resize(indices, padded - indices.size)])
-        mine = indices[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
-        return iter(mine.tolist())
+        return iter(shard(self.epoch_indices(), self.rank, self.world_size).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
 
 
-__all__ = ["CBGSSampler", "cbgs_counts", "cbgs_indices", "class_sample_lists"]
+__all__ = ["CBGSSampler", "cbgs_counts", "cbgs_indices", "class_sample_lists", "shard"]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bevnext.engine.dist import unwrap_model
 from bevnext.errors import BevnextError
 from bevnext.io import atomic_open
 
@@ -30,7 +31,6 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "extract_state_dict",
-    "find_resume_checkpoint",
     "load_checkpoint",
     "load_weights",
     "rng_state",
@@ -300,17 +300,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(model.module, nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Initialise ``model`` from the weights in a checkpoint file (``--load-from``), tolerating differences.
 
@@ -329,7 +318,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         CheckpointError: the file cannot be read, holds no weights, or none of its names fits the model.
     """
     state = extract_state_dict(load_checkpoint(path), path)
-    target = _unwrap(model)
+    target = unwrap_model(model)
     own = target.state_dict()
     report = LoadReport()
     to_load: dict[str, Tensor] = {}
@@ -349,12 +338,6 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     # strict=False because the missing names are expected; everything passed in has been checked to fit.
     target.load_state_dict(to_load, strict=False)
     return report
-
-
-def find_resume_checkpoint(work_dir: str | Path) -> Path | None:
-    """The checkpoint an automatic resume continues from: ``work_dir/last.pth`` if it exists, else ``None``."""
-    candidate = Path(work_dir) / "last.pth"
-    return candidate if candidate.is_file() else None
 
 
 def _npu_module() -> Any | None:

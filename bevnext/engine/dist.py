@@ -34,6 +34,7 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_main_process",
+    "unwrap_model",
 ]
 
 
@@ -259,6 +260,23 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     work /= dist.get_world_size()
     return work.to(t.device)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside ``DistributedDataParallel`` and/or ``torch.compile`` wrappers.
+
+    Its state-dict names carry no ``module.`` / ``_orig_mod.`` prefix, which is what checkpoints and the EMA
+    are keyed by.
+    """
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            # torch.compile's OptimizedModule; checked by attribute because its class lives in a private
+            # module whose path differs between torch releases.
+            model = model._orig_mod
+        else:
+            return model
 
 
 def all_gather_object(obj: Any) -> list[Any]:

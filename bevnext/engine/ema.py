@@ -25,20 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelEMA", "unwrap_model"]
+from bevnext.engine.dist import unwrap_model
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / ``torch.compile`` wrappers, so that state-dict names carry no prefix."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            # torch.compile's OptimizedModule; checked by attribute because its class lives in a private
-            # module whose path differs between torch releases.
-            model = model._orig_mod
-        else:
-            return model
+__all__ = ["ModelEMA"]
 
 
 class ModelEMA:

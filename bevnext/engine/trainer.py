@@ -63,7 +63,7 @@ from bevnext.engine.device import (
     seed_everything,
     synchronize,
 )
-from bevnext.engine.ema import ModelEMA, unwrap_model
+from bevnext.engine.ema import ModelEMA
 from bevnext.engine.environment import collect_environment, format_environment
 from bevnext.engine.metrics import MetricWriter, SmoothedValue, format_eta, setup_logging
 from bevnext.engine.schedule import lr_factor, set_lr
@@ -604,7 +604,7 @@ def _save(c: _LoopContext, pos: Position, final: bool = False) -> None:
     if c.info.is_main:
         t = c.run.train
         payload = full_checkpoint(
-            model_state=unwrap_model(c.model).state_dict(), optimizer_state=c.optimizer.state_dict(),
+            model_state=bdist.unwrap_model(c.model).state_dict(), optimizer_state=c.optimizer.state_dict(),
             ema_state=c.ema.state_dict() if c.ema is not None else None, scaler_state=c.scaler.state_dict(),
             base_lrs=c.base_lrs, position=pos, rngs=rngs, config=c.run.to_dict(), environment=c.environment,
             bad_steps=c.bad_steps,

@@ -19,7 +19,6 @@ from bevnext.engine.checkpoint import (
     CheckpointError,
     LoadReport,
     extract_state_dict,
-    find_resume_checkpoint,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -380,13 +379,6 @@ def test_table_truncates_long_lists() -> None:
     assert "unexpected" not in table.splitlines()[-1]  # empty categories get no section
     assert "checkpoint [1]" in table and "model [2, 3]" in table
     assert report.summary() == "loaded 1 tensors, 1 shape-mismatched, 25 missing, 0 unexpected"
-
-
-def test_find_resume_checkpoint(tmp_path: Path) -> None:
-    assert find_resume_checkpoint(tmp_path) is None
-    assert find_resume_checkpoint(tmp_path / "not_there") is None
-    save_checkpoint(tmp_path / "last.pth", {"epoch": 1})
-    assert find_resume_checkpoint(str(tmp_path)) == tmp_path / "last.pth"
 
 
 def _draws() -> tuple[list[float], list[float], torch.Tensor]:
