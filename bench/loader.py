@@ -223,7 +223,7 @@ def _full_history(infos: list[dict[str, Any]]) -> list[int]:
 
 def _generate(tmp: Path) -> Path:
     from bevnext.data.infos import create_infos
-    from bevnext.data.synth import generate_dataset
+    from bevnext.synth import generate_dataset
 
     t0 = time.perf_counter()
     root = generate_dataset(

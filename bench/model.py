@@ -19,9 +19,9 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from bevnext.config.stages import PRESETS
-    from bevnext.data.synth.batches import random_batch
     from bevnext.engine.device import memory_stats, reset_peak_memory, resolve_device_type, synchronize
     from bevnext.models.detector import build_model
+    from bevnext.synth.batches import random_batch
 
     parser = argparse.ArgumentParser(prog="bevnext bench model", description=__doc__.splitlines()[0])
     parser.add_argument("config", choices=sorted(PRESETS))

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _limit_threads()
     try:
-        from bevnext.data.synth.generator import Timings, generate, validate_args
+        from bevnext.synth.generator import Timings, generate, validate_args
     except ImportError:  # run from a source checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bevnext.data.synth.generator import Timings, generate, validate_args
+        from bevnext.synth.generator import Timings, generate, validate_args
 
     spec = validate_args(args.scenes, args.samples_per_scene, tuple(args.image_size), args.seed, 2, 0.25)
     tmp = None

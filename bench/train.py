@@ -200,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 (1 on a non-finite loss)."""
     from bevnext.config.run import load_run
     from bevnext.data.loader import build_train_loader
-    from bevnext.data.synth.batches import random_batch
     from bevnext.engine.device import (
         choose_num_threads,
         memory_stats,
@@ -209,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         synchronize,
     )
     from bevnext.errors import DataError
+    from bevnext.synth.batches import random_batch
 
     parser = argparse.ArgumentParser(prog="bevnext bench train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="run preset (stage1, stage2, tiny_stage1, tiny_stage2) or config.json")

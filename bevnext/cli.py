@@ -18,8 +18,6 @@ from bevnext.errors import BevnextError
 
 _PENDING = {
     "demo": "the end-to-end demo (synthetic scenes -> stage 1 -> stage 2 -> eval) is not part of this version",
-    "eval": "evaluating a trained model is not part of this version; bevnext check-data runs the official "
-    "evaluation on ground truth",
 }
 
 
@@ -100,6 +98,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint with the official nuScenes evaluation (one or many processes under torchrun)",
+        description="Run the test pipeline over a split (each process takes whole scenes), write the nuScenes "
+        "results JSON and score it with the official devkit (detection_cvpr_2019): prints 'mAP:' and 'NDS:' "
+        "with the TP errors and a per-class table, writes metrics.json. CONFIG is a run preset or the config.json "
+        "of a training run; CHECKPOINT any of its epoch_N.pth, epoch_N_ema.pth, last.pth, or a reference BEVNeXt "
+        "checkpoint.",
+    )
+    p.add_argument("config", help="preset name or path to a config.json")
+    p.add_argument("checkpoint", type=Path, help="the checkpoint to evaluate")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="output folder (default: next to the checkpoint, eval_<checkpoint name>)")
+    p.add_argument("--split", default=None, help="split to evaluate (default data.val_split)")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="draw N samples: predictions against ground truth")
+    p.add_argument("--no-history-reuse", action="store_true",
+                   help="recompute every history frame's image features (eval.reuse_history=false)")
+    p.add_argument("--device", choices=("npu", "cuda", "cpu"), default=None, help="default: npu > cuda > cpu")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bevnext.config.run import load_run
+    from bevnext.engine.evaluate import evaluate_checkpoint
+
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"runtime.device={args.device}")
+    if args.no_history_reuse:
+        overrides.append("eval.reuse_history=false")
+    if args.show < 0:
+        raise BevnextError(f"--show {args.show}: expected a number of samples >= 0")
+    run = load_run(args.config, overrides)
+    work_dir = args.work_dir or args.checkpoint.parent / f"eval_{args.checkpoint.stem}"
+    evaluate_checkpoint(run, args.checkpoint, work_dir, split=args.split, show=args.show)
+    return 0
+
+
 def _add_pending(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help=f"(not yet available) {_PENDING[name]}", description=_PENDING[name])
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -142,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_create_data(sub)
     _add_check_data(sub)
     _add_train(sub)
-    _add_pending(sub, "eval")
+    _add_eval(sub)
     _add_bench(sub)
     return parser
 
@@ -152,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bevnext {args.command}: not available yet — {_PENDING[args.command]}.", file=sys.stderr)
         return 2
     if args.command == "synth":
-        from bevnext.data.synth import generate_dataset
+        from bevnext.synth import generate_dataset
 
         root = generate_dataset(
             args.out,
@@ -178,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "bench":
         script = _bench_dir() / f"{args.name.replace('-', '_')}.py"
         if not script.is_file():
@@ -194,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bevnext`` console script; returns the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "eval"):
         # key=value overrides may follow the options too (argparse stops collecting positionals at an option).
-        if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
+        resume = getattr(args, "resume", None)
+        if resume not in (None, "auto") and "=" in resume and not Path(resume).exists():
             extra.insert(0, args.resume)
             args.resume = "auto"
         bad = [e for e in extra if e.startswith("-") or "=" not in e]

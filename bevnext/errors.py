@@ -18,3 +18,27 @@ class DataError(BevnextError):
 
 class ConfigError(BevnextError):
     """A config key or value is unknown or out of range."""
+
+
+def one_line(exc: BaseException, *, with_type: bool = False, first_line_only: bool = False) -> str:
+    """An exception's message on a single line, for error messages and logs.
+
+    Third-party errors (the nuScenes devkit's assertions, CANN's import failures) often span several
+    lines; every run of whitespace, newlines included, becomes one space so the message stays one line.
+
+    Args:
+        exc: the exception.
+        with_type: prefix the type name, ``"Type: message"``.
+        first_line_only: keep only the first non-empty line of the message (for errors whose later lines
+            are advice or tracebacks rather than the reason).
+
+    Returns:
+        The collapsed message; just the type name when the message is empty.
+    """
+    message = str(exc)
+    if first_line_only:
+        message = next((line for line in message.splitlines() if line.strip()), "")
+    text = " ".join(message.split())
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if with_type else text

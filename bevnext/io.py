@@ -2,6 +2,7 @@
 
 Each writer writes to a temporary file in the destination's folder (same file system) and
 renames it over the destination with ``os.replace``, which is atomic on POSIX and Windows.
+``to_jsonable`` turns nested containers with numpy scalars into what ``json.dumps`` accepts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 
 def _read_umask() -> int:
@@ -71,6 +74,23 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
     """Serialise ``obj`` as JSON to ``path`` atomically (NaN/inf are rejected: they are not JSON)."""
     text = json.dumps(obj, indent=indent, allow_nan=False)
     atomic_write_text(path, text)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` in plain JSON types: dicts with string keys, lists, Python scalars.
+
+    Dicts (``defaultdict`` included) become ``dict`` with ``str(key)`` keys, tuples and lists become
+    lists, numpy scalars become the Python scalar of the same value; anything else is kept as is.
+    Used for dataclass dumps (``dataclasses.asdict``: tuples) and the nuScenes devkit's metrics
+    (nested defaultdicts of numpy floats).
+    """
+    if isinstance(obj, dict):
+        return {str(key): to_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(value) for value in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 @contextlib.contextmanager

@@ -6,17 +6,8 @@
 
 : "${stage:?set by the sourcing script}" "${Stage:?set by the sourcing script}"
 
-# The reference's scripts may be started from the source root or from inside test/.
-if [[ "$(basename "$PWD")" == test ]]; then
-    cd ..
-fi
-# shellcheck source=test/env_npu.sh
-source test/env_npu.sh
-
-die() {
-    echo "error: $1" >&2
-    exit 2
-}
+# shellcheck source=test/launch_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 
 work_dir="work_dirs/bevnext-${stage}"
 stage1_ckpt=work_dirs/bevnext-stage1/epoch_2_ema.pth
@@ -53,26 +44,8 @@ if [[ -n "$epochs" ]]; then
     overrides+=("train.epochs=$epochs")
 fi
 
-# Checked here because bash arithmetic on a non-number fails with an obscure message.
-NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-DEVICE="${DEVICE:-}"
 CONFIG="${CONFIG:-$stage}"
-for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_PORT; do
-    [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name=${!name}: expected a whole number"
-done
-case "$DEVICE" in
-    "" | npu | cuda | cpu) ;;
-    *) die "DEVICE=$DEVICE: expected npu, cuda or cpu (or unset for the best present)" ;;
-esac
-if [[ -z "${PYTHON:-}" ]]; then
-    # Some distributions only ship python3.
-    if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
-fi
-RANK_SIZE=$((NPROC_PER_NODE * NNODES))
+resolve_launch
 
 # The batch size and epochs name the log files. Reading them from the resolved config (overrides included)
 # also rejects a bad config or key here, once, instead of in every one of the processes.

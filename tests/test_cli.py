@@ -30,7 +30,7 @@ def test_top_level_help_lists_contract():
 
 
 def test_pending_subcommand_says_so_plainly(capsys):
-    assert main(["eval", "cfg.py"]) == 2
+    assert main(["demo"]) == 2
     assert "not available yet" in capsys.readouterr().err
 
 

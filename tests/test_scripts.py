@@ -1,12 +1,15 @@
-"""The launch scripts in ``test/``: arguments, early errors, and one real two-stage run on the CPU.
+"""The launch scripts in ``test/``: arguments, early errors, and real runs on the CPU.
 
 Everything runs the scripts as a user would (bash, torchrun, the ``bevnext`` command) in subprocesses. The
 end-to-end part trains stage 1 and stage 2 of the tiny configs with 2 processes on a synthetic dataset,
-then re-runs stage 1 to check that it continues from ``last.pth``.
+then re-runs stage 1 to check that it continues from ``last.pth``. The evaluation script's arguments, files
+and summary are checked against a stand-in ``python`` that records the torchrun command line and prints
+devkit-style lines, and once against the real ``bevnext eval``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -22,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "test"
 STAGE1 = SCRIPTS / "train_8p_stage1.sh"
 STAGE2 = SCRIPTS / "train_8p_stage2.sh"
+EVAL = SCRIPTS / "eval_bevnext.sh"
 ENV_NPU = SCRIPTS / "env_npu.sh"
+LAUNCH_COMMON = SCRIPTS / "launch_common.sh"
+TRAIN_COMMON = SCRIPTS / "train_common.sh"
 
 SUMMARY_KEYS = ["Network", "DeviceType", "RankSize", "BatchSize", "CaseName", "E2ETrainingTime", "TrainingTime",
                 "averageFPS"]
@@ -66,7 +72,7 @@ def _summary(path: Path) -> dict[str, str]:
 # Fast checks: no training is launched.
 
 
-@pytest.mark.parametrize("script", [STAGE1, STAGE2, ENV_NPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [STAGE1, STAGE2, EVAL, ENV_NPU, LAUNCH_COMMON, TRAIN_COMMON], ids=lambda p: p.name)
 def test_script_parses(script):
     out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -76,8 +82,8 @@ def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed")
-    out = subprocess.run([shellcheck, "-x", "test/env_npu.sh", "test/train_8p_stage1.sh", "test/train_8p_stage2.sh"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([shellcheck, "-x", "test/env_npu.sh", "test/train_8p_stage1.sh", "test/train_8p_stage2.sh",
+                          "test/eval_bevnext.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -116,7 +122,7 @@ def test_stage2_without_stage1_checkpoint_stops_before_launching(tmp_path, from_
     assert not work_dir.exists()
 
 
-@pytest.mark.parametrize("script", [STAGE1, STAGE2], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [STAGE1, STAGE2, EVAL], ids=lambda p: p.name)
 @pytest.mark.parametrize("arg", ["--bogus=1", "--work-dir=x", "stray"])
 def test_unknown_argument_is_one_error_line(tmp_path, script, arg):
     out = _bash(script, f"--work_dir={tmp_path / 'w'}", arg)
@@ -124,6 +130,223 @@ def test_unknown_argument_is_one_error_line(tmp_path, script, arg):
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and arg in lines[0], out.stderr
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The evaluation script against a stand-in ``python``: arguments, files and the summary, without a model.
+
+# What the stand-in prints for the evaluation: two devkit summaries (the script must take the last values),
+# a rank-prefixed pair as torchrun may print them, and lines that look alike but are not the figures.
+FAKE_EVAL_OUTPUT = """\
+mAP: 0.1000
+mATE: 0.7000
+NDS: 0.2000
+[default0]:mAP: 0.1234
+[default0]:mATE: 0.6543
+[default0]:NDS: 0.2345
+mAP (classes with ground truth): 0.9990
+2026-01-01 00:00:00 work_dirs/x/epoch_12_ema.pth: mAP 0.9000, NDS 0.9000
+car\t0.500\t0.400
+"""
+EVAL_SUMMARY = {"Network": "BEVNeXt", "DeviceType": platform.machine(), "NDS": "0.2345", "mAP": "0.1234"}
+
+
+def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``python`` that records a ``-m torch.distributed.run`` command line (one argument per line) in the
+    returned file and prints ``FAKE_OUTPUT`` (a file) and exits ``FAKE_STATUS`` instead of launching; any
+    other call (the script's config check) goes to the real interpreter. Returns (bin dir, record)."""
+    bin_dir, record = tmp_path / "fake_bin", tmp_path / "torchrun_args"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = torch.distributed.run ]; then
+    shift 2
+    printf '%s\\n' "$@" > "{record}"
+    cat "$FAKE_OUTPUT"
+    exit "${{FAKE_STATUS:-0}}"
+fi
+exec "{sys.executable}" "$@"
+""")
+    fake.chmod(0o755)
+    return bin_dir, record
+
+
+def _eval_work_dir(work_dir: Path, checkpoint: str = "epoch_12_ema.pth") -> Path:
+    """A trained run's folder as far as the script looks: config.json (a real resolved run) and a checkpoint
+    file (never read by the stand-in)."""
+    from bevnext.config.run import load_run
+
+    work_dir.mkdir(parents=True)
+    (work_dir / "config.json").write_text(json.dumps(load_run("tiny_stage2").to_dict(), indent=2))
+    (work_dir / checkpoint).write_bytes(b"weights")
+    return work_dir
+
+
+def _run_eval(tmp_path: Path, *args: str, cwd: Path = ROOT, output: str = FAKE_EVAL_OUTPUT, status: int = 0,
+              **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """The evaluation script (``cwd/test/eval_bevnext.sh``) with the stand-in first on PATH."""
+    bin_dir, record = _fake_python(tmp_path)
+    out_file = tmp_path / "fake_output"
+    out_file.write_text(output)
+    script = cwd / "test" / EVAL.name if (cwd / "test").is_dir() else cwd / EVAL.name
+    path = os.pathsep.join([str(bin_dir), _env()["PATH"]])
+    out = _bash(script, *args, cwd=cwd, PATH=path, FAKE_OUTPUT=str(out_file), FAKE_STATUS=str(status), **env)
+    return out, record
+
+
+@pytest.mark.parametrize("from_test_dir", [False, True], ids=["from-root", "from-test-dir"])
+def test_eval_script_defaults(tmp_path, from_test_dir):
+    # A source tree of its own, so that the default work_dirs/bevnext-stage2 is relative to it.
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    for script in (EVAL, ENV_NPU, LAUNCH_COMMON):
+        shutil.copy(script, src / "test" / script.name)
+    work_dir = _eval_work_dir(src / "work_dirs" / "bevnext-stage2")
+    out, record = _run_eval(tmp_path, cwd=src / "test" if from_test_dir else src)
+    assert out.returncode == 0, _tail(out)
+    assert out.stderr == ""
+    rel = "work_dirs/bevnext-stage2"
+    assert record.read_text().splitlines() == [
+        "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "8", "--master_addr", "127.0.0.1",
+        "--master_port", "29500", "-m", "bevnext", "eval", f"{rel}/config.json", f"{rel}/epoch_12_ema.pth",
+        "--work-dir", f"{rel}/eval_epoch12",
+    ]
+    lines = out.stdout.splitlines()
+    assert lines[-3:-1] == ["[BEVNeXt] NDS : 0.2345", "[BEVNeXt] mAP : 0.1234"], _tail(out)
+    assert (work_dir / "bevnext_epoch12_eval.log").read_text() == FAKE_EVAL_OUTPUT
+    summary = work_dir / "BEVNeXt_8p_epochs12_eval.log"
+    assert _summary(summary) == EVAL_SUMMARY and list(_summary(summary)) == list(EVAL_SUMMARY)
+
+
+def test_eval_script_options_and_environment(tmp_path):
+    work_dir = _eval_work_dir(tmp_path / "run")
+    ckpt = tmp_path / "other" / "epoch_3.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    env = dict(NPROC_PER_NODE="2", NNODES="2", NODE_RANK="0", MASTER_ADDR="10.0.0.1", MASTER_PORT="12345",
+               DEVICE="cpu")
+    out, record = _run_eval(tmp_path, f"--work_dir={work_dir}", f"--ckpt={ckpt}", "--split=synth_val", "--show=2",
+                            "eval.num_workers=0", "eval.show_score_threshold=0.5", **env)
+    assert out.returncode == 0, _tail(out)
+    assert record.read_text().splitlines() == [
+        "--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "2", "--master_addr", "10.0.0.1",
+        "--master_port", "12345", "-m", "bevnext", "eval", f"{work_dir}/config.json", str(ckpt),
+        "--work-dir", f"{work_dir}/eval_epoch3", "--device", "cpu", "--split", "synth_val", "--show", "2",
+        "eval.num_workers=0", "eval.show_score_threshold=0.5",
+    ]
+    # The epoch in the log names comes from the checkpoint's name; 2 nodes x 2 processes = 4.
+    assert (work_dir / "bevnext_epoch3_eval.log").is_file()
+    assert _summary(work_dir / "BEVNeXt_4p_epochs3_eval.log") == EVAL_SUMMARY
+    assert not (work_dir / "bevnext_epoch12_eval.log").exists()
+
+
+def test_eval_script_epochs_and_config_override(tmp_path):
+    # --epochs picks epoch_N_ema.pth; CONFIG replaces the work dir's config.json, which then need not exist.
+    work_dir = _eval_work_dir(tmp_path / "run", checkpoint="epoch_5_ema.pth")
+    (work_dir / "config.json").unlink()
+    out, record = _run_eval(tmp_path, f"--work_dir={work_dir}", "--epochs=5", CONFIG="tiny_stage2")
+    assert out.returncode == 0, _tail(out)
+    args = record.read_text().splitlines()
+    assert args[args.index("eval") + 1 : args.index("eval") + 3] == ["tiny_stage2", f"{work_dir}/epoch_5_ema.pth"]
+    assert _summary(work_dir / "BEVNeXt_8p_epochs5_eval.log") == EVAL_SUMMARY
+
+
+@pytest.mark.parametrize("missing", ["work_dir", "checkpoint", "config"])
+def test_eval_script_missing_input_is_one_error_line_before_launching(tmp_path, missing):
+    work_dir = _eval_work_dir(tmp_path / "run")
+    expected = {
+        "work_dir": f"error: work dir not found: {tmp_path}/gone (train stage 2 first, or pass --work_dir=...)",
+        "checkpoint": f"error: checkpoint not found: {work_dir}/epoch_12_ema.pth (pass --epochs=N or --ckpt=CKPT "
+                      "for another one)",
+        "config": f"error: config not found: {work_dir}/config.json (written by bevnext train; or set CONFIG=...)",
+    }[missing]
+    if missing == "checkpoint":
+        (work_dir / "epoch_12_ema.pth").unlink()
+    elif missing == "config":
+        (work_dir / "config.json").unlink()
+    target = tmp_path / "gone" if missing == "work_dir" else work_dir
+    out, record = _run_eval(tmp_path, f"--work_dir={target}")
+    assert out.returncode == 2, _tail(out)
+    assert out.stderr.splitlines() == [expected]
+    assert out.stdout == ""
+    assert not record.exists()
+    assert sorted(p.name for p in work_dir.iterdir()) == sorted({"config.json", "epoch_12_ema.pth"} - {
+        {"checkpoint": "epoch_12_ema.pth", "config": "config.json"}.get(missing, "")})
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["eval.bogus=1"], {}, "eval.bogus"),
+    (["--epochs=0"], {}, "--epochs=0: expected a positive whole number"),
+    (["--show=two"], {}, "--show=two: expected a number of samples"),
+    ([], {"NPROC_PER_NODE": "eight"}, "NPROC_PER_NODE=eight: expected a whole number"),
+    ([], {"DEVICE": "tpu"}, "DEVICE=tpu: expected npu, cuda or cpu"),
+], ids=["bad-key", "epochs", "show", "nproc", "device"])
+def test_eval_script_bad_value_is_one_error_line_before_launching(tmp_path, args, env, message):
+    work_dir = _eval_work_dir(tmp_path / "run")
+    out, record = _run_eval(tmp_path, f"--work_dir={work_dir}", *args, **env)
+    assert out.returncode == 2, _tail(out)
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert not record.exists()
+
+
+def test_eval_script_failed_evaluation_exits_with_its_status_and_writes_no_summary(tmp_path):
+    work_dir = _eval_work_dir(tmp_path / "run")
+    out, record = _run_eval(tmp_path, f"--work_dir={work_dir}", output="Traceback: something broke\n", status=3)
+    assert out.returncode == 3, _tail(out)
+    assert record.is_file()
+    log = work_dir / "bevnext_epoch12_eval.log"
+    assert out.stderr.splitlines() == [f"error: evaluation failed with exit status 3 (log: {log})"]
+    assert "[BEVNeXt]" not in out.stdout
+    assert log.read_text() == "Traceback: something broke\n"
+    assert not (work_dir / "BEVNeXt_8p_epochs12_eval.log").exists()
+
+
+@pytest.mark.parametrize("node_rank", ["0", "1"])
+def test_eval_script_without_metric_lines(tmp_path, node_rank):
+    # Node 0 prints the metrics: their absence there is an error; on other nodes it is expected.
+    work_dir = _eval_work_dir(tmp_path / "run")
+    out, _ = _run_eval(tmp_path, f"--work_dir={work_dir}", output="evaluated 4 samples\n", NNODES="2",
+                       NODE_RANK=node_rank)
+    assert "[BEVNeXt]" not in out.stdout
+    assert not (work_dir / "BEVNeXt_16p_epochs12_eval.log").exists()
+    if node_rank == "0":
+        assert out.returncode == 1, _tail(out)
+        assert out.stderr.splitlines() == [
+            f"error: the evaluation printed no 'NDS:' and 'mAP:' lines (log: {work_dir}/bevnext_epoch12_eval.log)"
+        ]
+    else:
+        assert out.returncode == 0, _tail(out)
+        assert out.stdout.splitlines()[-1] == "BEVNeXt evaluation finished on node 1; node 0 reports the metrics"
+
+
+@pytest.mark.slow
+def test_eval_script_runs_the_real_evaluation(tiny_synth_root, tmp_path):
+    # Randomly initialised tiny stage-2 weights on the 4 validation samples, 1 process on the CPU (~25 s):
+    # the printed and summarised figures are the ones bevnext eval computed.
+    import torch
+
+    from bevnext.config.run import load_run
+    from bevnext.engine.checkpoint import save_checkpoint
+    from bevnext.models.detector import build_model
+
+    run = load_run("tiny_stage2", [f"data.data_root={tiny_synth_root}", "data.src_size=[400,225]",
+                                   "eval.num_workers=0"])
+    work_dir = tmp_path / "stage2"
+    work_dir.mkdir()
+    (work_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+    torch.manual_seed(0)
+    save_checkpoint(work_dir / "epoch_12_ema.pth", {"state_dict": build_model(run.model).state_dict()})
+    out = _bash(EVAL, f"--work_dir={work_dir}", "--show=1", timeout=600, NPROC_PER_NODE="1", DEVICE="cpu",
+                MASTER_PORT=str(_free_port()))
+    assert out.returncode == 0, _tail(out)
+    metrics = json.loads((work_dir / "eval_epoch12" / "metrics.json").read_text())
+    nds, mean_ap = f"{metrics['nd_score']:.4f}", f"{metrics['mean_ap']:.4f}"
+    assert f"[BEVNeXt] NDS : {nds}\n[BEVNeXt] mAP : {mean_ap}\n" in out.stdout
+    assert _summary(work_dir / "BEVNeXt_1p_epochs12_eval.log") == {
+        "Network": "BEVNeXt", "DeviceType": platform.machine(), "NDS": nds, "mAP": mean_ap}
+    assert f"NDS: {nds}" in (work_dir / "bevnext_epoch12_eval.log").read_text()
+    assert len(list((work_dir / "eval_epoch12" / "pictures").glob("*.png"))) == 1
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,20 @@ explicit constructor arguments. Stage presets live in ``bevnext.config.stages``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bevnext.errors import ConfigError
+
+
+def num_depth_bins(depth_range: Sequence[float]) -> int:
+    """Number of depth bins ``d = start, start + step, ... < stop``, as ``arange`` counts them (118 for (1, 60, 0.5)).
+
+    Returns 0 for a range that yields no bin (``step <= 0`` or ``stop <= start``).
+    """
+    start, stop, step = (float(v) for v in depth_range)
+    return max(0, math.ceil((stop - start) / step - 1e-9)) if step > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,9 @@ class ModelConfig:
         if step <= 0 or stop <= start:
             raise ConfigError(f"model.depth_range={self.depth_range}: expected (start, stop, step) with stop > start, "
                               "step > 0")
-        n = int(round((stop - start) / step))
-        if abs((stop - start) / step - n) > 1e-6:
+        if abs((stop - start) / step - round((stop - start) / step)) > 1e-6:
             raise ConfigError(f"model.depth_range={self.depth_range}: (stop - start) is not a multiple of step")
-        return n
+        return num_depth_bins(self.depth_range)
 
     def validate(self) -> None:
         """Check every value that would otherwise fail deep inside a module; names the key."""

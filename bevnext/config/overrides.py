@@ -15,6 +15,7 @@ import typing
 from typing import Any, TypeVar
 
 from bevnext.errors import ConfigError
+from bevnext.io import to_jsonable
 
 T = TypeVar("T")
 
@@ -141,12 +142,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-serialisable nested dict of a dataclass config (tuples become lists)."""
     if not dataclasses.is_dataclass(cfg):
         raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
-    return _plain(dataclasses.asdict(cfg))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return to_jsonable(dataclasses.asdict(cfg))

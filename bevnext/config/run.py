@@ -80,6 +80,8 @@ class TrainConfig:
             as the reference).
         max_bad_steps: stop after this many steps in a row whose loss or gradient is not finite (each one is
             skipped on every rank without touching the weights).
+        eval_every: evaluate the EMA weights (the model's without EMA) on ``data.val_split`` every this many
+            epochs and at the end, logging mAP / NDS into ``metrics.jsonl`` (0: never, as the reference).
     """
 
     epochs: int = 2
@@ -108,6 +110,7 @@ class TrainConfig:
     checkpoint_minutes: float = 30.0
     keep_checkpoints: int = 0
     max_bad_steps: int = 10
+    eval_every: int = 0
 
     def validate(self) -> None:
         """Check every value; the ``ConfigError`` names the key (``train.<field>``)."""
@@ -116,7 +119,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected an integer >= 1")
         for name in ("num_workers", "max_iters", "warmup_iters", "warmup_exclude_iters", "ema_init_updates",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected an integer >= 0")
         if self.checkpoint_minutes < 0:
@@ -144,21 +147,28 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation loading (reference: 1 sample per device, 2 workers, no shuffling).
+    """Evaluation (reference: 1 sample per device, 2 workers, no shuffling, every frame recomputed).
 
     Attributes:
         batch_size: samples per device per forward pass.
         num_workers: data-loading processes per device.
+        reuse_history: compute each frame's image features once per scene and reuse them while the frame
+            stays in the history window (same results as recomputing; stage 2 only).
+        show_score_threshold: ``bevnext eval --show`` draws predictions scoring at least this.
     """
 
     batch_size: int = 1
     num_workers: int = 2
+    reuse_history: bool = True
+    show_score_threshold: float = 0.3
 
     def validate(self) -> None:
         """Check every value; the ``ConfigError`` names the key (``eval.<field>``)."""
         if self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError(f"eval.batch_size={self.batch_size} / eval.num_workers={self.num_workers}: expected "
                               "a batch of at least 1 and workers >= 0")
+        if not 0.0 <= self.show_score_threshold <= 1.0:
+            raise ConfigError(f"eval.show_score_threshold={self.show_score_threshold}: expected a score in [0, 1]")
 
 
 @dataclass(frozen=True)

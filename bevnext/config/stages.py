@@ -1,11 +1,18 @@
 """Model presets: the reference's two stages and tiny CPU configs built from the same modules.
 
 Both stage presets reproduce the reference architecture to the parameter (state-dict names and shapes
-equal the reference's, so reference checkpoints load directly). Reference quirks kept by default: the
-voxel index truncates toward zero (``truncate_voxel_index``), every frame's camera-aware depth input is
-built from the key frame's extrinsics, history frames' CRF uses the key frame's colours, history frames
-run without gradients but with BatchNorm in train mode. Deliberate differences, none of which changes
-what the model computes beyond float rounding:
+equal the reference's, so reference checkpoints load directly). Reference quirks:
+
+* The voxel index truncates toward zero; kept by default, ``model.truncate_voxel_index=False`` floors.
+* Every frame's camera-aware depth input is built from the key frame's extrinsics, and the history
+  frames' CRF is guided by the key frame's colours. Both are kept without a switch: released checkpoints
+  were trained with them, and the alternative (each frame's own colours) would need every frame's
+  un-normalised images in the batch, F times the colour-guide memory.
+* History frames run without gradients but with BatchNorm in train mode; kept.
+* The image normalisation applies BGR statistics to RGB pixels; kept by default,
+  ``data.bgr_normalize=False`` normalises in RGB order.
+
+Deliberate differences, none of which changes what the model computes beyond float rounding:
 
 * Boxes leave the model with the gravity-centre z (the reference lowers it to the bottom centre; the
   nuScenes metrics are unaffected, and our result formatting expects the gravity centre).
@@ -13,13 +20,20 @@ what the model computes beyond float rounding:
   re-batching visible queries with ``nonzero`` (same result, no host synchronisation, ~5x more sampling).
 * The CRF keeps a few belief snapshots and recomputes in its backward: 31 MB of activations instead of
   312 MB at the stage-2 shape (``bevnext bench crf``); it always computes in at least fp32.
+* 3x3 matrices are inverted by the adjugate everywhere (``bevnext.structures.cameras.inverse_3x3``), the
+  refinement's reference-point projection included (the reference: LU). Measured against an fp64 inverse,
+  the adjugate path is as close as LU's; outputs differ from an LU build by float rounding only.
 * Checkpointed blocks update BatchNorm running statistics once per step (the reference's recompute
   updated them twice).
 * Heatmap target cells use floor instead of truncation (out-of-range centres are range-filtered anyway);
   zero-height boxes are skipped instead of producing an infinite loss.
 * Decoding takes one top-k over classes x cells (the reference: per class, then overall; ties may differ).
-* On NPU, deformable attention with 10 / 20 channels per head is outside mx_driving's documented limits
-  (a multiple of 8), so it runs the PyTorch reference there.
+* On NPU, deformable attention with 10 / 20 channels per head runs mx_driving's kernel, as in Ascend's own
+  port, although its documentation asks for a multiple of 8: in mx-driving 26.2.0.post2 neither the Python
+  wrapper nor its compiled layer checks that (the latter checks at most 256 channels and levels x points
+  <= 64), the tiling picks an unaligned kernel variant for such widths, and that variant's forward and
+  backward binaries ship for Atlas A2 (``bevnext.ops.deform_attn``; ``TORCH_DEVICE=npu python -m pytest
+  tests/ops`` compares it with the reference at these shapes).
 """
 
 from __future__ import annotations
@@ -28,13 +42,15 @@ import dataclasses
 
 from bevnext.config.model import ModelConfig
 
+STAGE2_CODE_WEIGHTS: tuple[float, ...] = (1.0,) * 10
+"""Stage 2's regression weights: velocity counts as much as the rest once history frames carry motion."""
+
 
 def stage1() -> ModelConfig:
     """BEVNeXt stage 1 (reference ``bevnext-stage1.py``): single frame, C = 80, BEV ResNet encoder.
 
     Velocity is down-weighted (code weights 0.2) because a single frame carries no motion.
-    Deliberate differences from the reference: none in the architecture (see ``ModelConfig`` flags:
-    voxel truncation and the history-CRF colour quirk are kept by default).
+    Deliberate differences from the reference: none in the architecture (the quirks above are kept).
     """
     return ModelConfig()
 
@@ -51,7 +67,7 @@ def stage2() -> ModelConfig:
         num_frames=9,
         bev_encoder="res2fusion",
         bev_channels=(320, 640, 1280),
-        code_weights=(1.0,) * 10,
+        code_weights=STAGE2_CODE_WEIGHTS,
     )
 
 
@@ -82,7 +98,7 @@ def tiny(stage: int = 1) -> ModelConfig:
     if stage == 1:
         return base
     if stage == 2:
-        return dataclasses.replace(base, num_frames=3, bev_encoder="res2fusion", code_weights=(1.0,) * 10)
+        return dataclasses.replace(base, num_frames=3, bev_encoder="res2fusion", code_weights=STAGE2_CODE_WEIGHTS)
     raise ValueError(f"tiny(stage={stage}): stage must be 1 or 2")
 
 

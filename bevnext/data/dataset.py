@@ -2,8 +2,8 @@
 
 ``BEVDataset(info_path, data_root, cfg, train)[i]`` builds sample ``i`` of an info file (written by
 ``bevnext create-data``) the way the reference's train / test pipelines do
-(``reference/bevnext-model.md`` §4.2-4.4); ``bevnext.data.collate.collate`` stacks samples into a
-``Batch``. Per sample:
+(``reference/bevnext-model.md`` §4.2-4.4) as a ``Sample``; ``bevnext.data.collate.Collate`` stacks samples
+into a ``Batch``. Per sample:
 
 * Frames: the key sample, then its previous key samples (``num_prev_frames`` of them, nearest
   first) from ``prev_tokens``. Where the scene has fewer (its first samples) the key sample itself
@@ -16,8 +16,8 @@
   ``post_rot`` / ``post_trans`` come from the ``ImageAug``.
 * BEV augmentation (train): ``BEVAug`` on the ground truth, then the BEV range filter and yaw wrap.
 * Depth targets (train): the key LiDAR sweep projected into the six augmented key images.
-* Images leave the dataset as augmented uint8 RGB; ``collate`` normalises them (``cfg.mean``,
-  ``cfg.std``, ``cfg.bgr_normalize``, passed along in the sample) directly into the batch tensor,
+* Images leave the dataset as augmented uint8 RGB; ``Collate`` normalises them (``cfg.mean``,
+  ``cfg.std``, ``cfg.bgr_normalize``) directly into the batch tensor,
   which in a loader worker it allocates in shared memory. A stage-2 sample is 54 images, 117 MB
   as float32: normalising per sample and then stacking, then copying the batch into shared memory
   to hand it to the main process, moved that much memory three times; this way it is written once.
@@ -58,7 +58,9 @@ from bevnext.config.data import DataConfig
 from bevnext.data import image_io
 from bevnext.data.files import lidar_bin_problem
 from bevnext.data.image_aug import ImageAug
-from bevnext.data.infos import key_ego2global, load_infos
+from bevnext.data.info_record import InfoRecord, key_ego2global, sensor2global
+from bevnext.data.infos import load_infos
+from bevnext.data.sample import Sample
 from bevnext.data.transforms import (
     depth_map,
     filter_boxes,
@@ -67,6 +69,7 @@ from bevnext.data.transforms import (
 )
 from bevnext.errors import ConfigError, DataError
 from bevnext.structures.boxes import BOX_DIM, CLASSES
+from bevnext.structures.cameras import CameraGeometry
 from bevnext.structures.sensors import CAMERAS
 from bevnext.structures.transforms import RigidTransform
 
@@ -129,7 +132,7 @@ class _SharedState:
         return int(sum(self._values[1:]))
 
 
-class PackedInfos(Sequence[dict[str, Any]]):
+class PackedInfos(Sequence[InfoRecord]):
     """Info records stored as one byte buffer, decoded on access: a read-only sequence of dicts.
 
     A list of nested dicts in a forked loader worker is slowly copied into the worker's own memory,
@@ -142,7 +145,7 @@ class PackedInfos(Sequence[dict[str, Any]]):
         infos: the records.
     """
 
-    def __init__(self, infos: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, infos: Sequence[InfoRecord]) -> None:
         encoded = [json.dumps(info, separators=(",", ":")).encode("utf-8") for info in infos]
         self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
@@ -151,12 +154,12 @@ class PackedInfos(Sequence[dict[str, Any]]):
         return int(self._offsets.size - 1)
 
     @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    def __getitem__(self, index: int) -> InfoRecord: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: slice) -> list[InfoRecord]: ...
 
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+    def __getitem__(self, index: int | slice) -> InfoRecord | list[InfoRecord]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:
@@ -165,10 +168,6 @@ class PackedInfos(Sequence[dict[str, Any]]):
             raise IndexError(f"info index {index} out of range for {len(self)} records")
         start, stop = self._offsets[index], self._offsets[index + 1]
         return json.loads(self._buffer[start:stop].tobytes())
-
-
-def _pose(record: dict[str, Any]) -> RigidTransform:
-    return RigidTransform.from_nusc(record["translation"], record["rotation"])
 
 
 def _with_sample(err: DataError | OSError, path: Path, token: str, what: str) -> DataError:
@@ -221,14 +220,14 @@ class BEVDataset(Dataset):
         self._check_cameras(infos)
         index_of = {info["token"]: i for i, info in enumerate(infos)}
         self.frame_indices: list[list[int]] = [self._frames_of(infos, i, index_of) for i in range(len(infos))]
-        self.infos: Sequence[dict[str, Any]] = PackedInfos(infos)
+        self.infos: Sequence[InfoRecord] = PackedInfos(infos)
         """The info records, in timestamp order (read-only; see ``PackedInfos``)."""
         self._state = _SharedState()
 
     # ------------------------------------------------------------------------------------------
     # Set-up.
 
-    def _check_cameras(self, infos: list[dict[str, Any]]) -> None:
+    def _check_cameras(self, infos: list[InfoRecord]) -> None:
         src_w, src_h = self.cfg.src_size
         for info in infos:
             cams = info.get("cams", {})
@@ -243,7 +242,7 @@ class BEVDataset(Dataset):
                         f"images (sample {info['token']}); set data.src_size=({size[0]}, {size[1]})"
                     )
 
-    def _frames_of(self, infos: list[dict[str, Any]], i: int, index_of: dict[str, int]) -> list[int]:
+    def _frames_of(self, infos: list[InfoRecord], i: int, index_of: dict[str, int]) -> list[int]:
         """Info indices of sample ``i``'s frames: itself, then its previous key samples, key repeated where missing."""
         info = infos[i]
         prev = info.get("prev_tokens", [])
@@ -281,21 +280,14 @@ class BEVDataset(Dataset):
     # ------------------------------------------------------------------------------------------
     # Samples.
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         """Sample ``index``, or its deterministic replacement (empty training ground truth, skipped file).
 
         Returns:
-            dict with (F = 1 + num_prev_frames, N = 6 cameras, (H, W) = ``input_size``):
-            ``images`` (F, N, H, W, 3) uint8 augmented RGB images (not yet normalised);
-            ``normalize`` (``mean``, ``std``, ``bgr``: how ``collate`` normalises them);
-            ``cam2key_rot`` (F, N, 3, 3) and ``cam2key_trans`` (F, N, 3) camera -> key ego;
-            ``intrinsics`` (F, N, 3, 3); ``post_rot`` (F, N, 3, 3) and ``post_trans`` (F, N, 3)
-            image augmentation; ``bda`` (3, 3) BEV augmentation; ``gt_depth`` (N, H, W) float32
-            metres or None (test); ``gt_boxes`` (M, 9) float32 in the BEV-augmented key frame;
-            ``gt_labels`` (M,) int64; ``meta`` dict (``token``, ``scene_token``, ``timestamp``,
-            ``key_ego2global`` 4x4 nested list, ``frame_tokens``, ``index`` asked for,
-            ``sample_index`` returned, ``epoch``, ``replaced`` tokens passed over).
-            Tensors are torch tensors (float32 unless stated).
+            A ``Sample`` (F = 1 + num_prev_frames, N = 6 cameras, (H, W) = ``input_size``): images as augmented
+            uint8 RGB, cameras (1, F, N), ``gt_depth`` in training, ground truth in the BEV-augmented key frame
+            and ``meta`` with the token asked for (``index``), the one returned (``sample_index``), ``epoch`` and
+            the ``replaced`` tokens passed over.
         """
         index = int(index)
         if not 0 <= index < len(self):
@@ -314,7 +306,7 @@ class BEVDataset(Dataset):
                 logger.warning("skipping a sample with a bad file: %s", err)
                 sample = None
             if sample is not None:
-                sample["meta"].update(index=index, epoch=epoch, replaced=replaced)
+                sample.meta.update(index=index, epoch=epoch, replaced=replaced)
                 return sample
             replaced.append(self.infos[current]["token"])
             current = self._replacement(current, index, epoch, attempt)
@@ -331,7 +323,7 @@ class BEVDataset(Dataset):
         other = int(pick.integers(len(self) - 1))
         return other + 1 if other >= current else other
 
-    def _build(self, i: int, rng: np.random.Generator | None) -> dict[str, Any] | None:
+    def _build(self, i: int, rng: np.random.Generator | None) -> Sample | None:
         """Sample ``i`` with the augmentation drawn from ``rng`` (None: test); None when train GT is empty."""
         cfg = self.cfg
         info = self.infos[i]
@@ -361,7 +353,7 @@ class BEVDataset(Dataset):
             frame_info = records[j]
             for n, cam in enumerate(CAMERAS):
                 record = frame_info["cams"][cam]
-                cam2key = global2key @ _pose(record["ego2global"]) @ _pose(record["sensor2ego"])
+                cam2key = global2key @ sensor2global(record)
                 rots[f, n], trans[f, n] = cam2key.rotation, cam2key.translation
                 intrinsics[f, n] = record["intrinsic"]
             if j in loaded:
@@ -377,20 +369,22 @@ class BEVDataset(Dataset):
         post_rot = np.broadcast_to(np.stack([p[0] for p in post]), (n_frames, n_cams, 3, 3))
         post_trans = np.broadcast_to(np.stack([p[1] for p in post]), (n_frames, n_cams, 3))
         as_f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-        return {
-            # Normalised by collate, straight into the batch buffer (see the module docstring).
-            "images": torch.from_numpy(images),
-            "normalize": {"mean": tuple(cfg.mean), "std": tuple(cfg.std), "bgr": cfg.bgr_normalize},
-            "cam2key_rot": as_f32(rots),
-            "cam2key_trans": as_f32(trans),
-            "intrinsics": as_f32(intrinsics),
-            "post_rot": as_f32(post_rot),
-            "post_trans": as_f32(post_trans),
-            "bda": as_f32(bev.matrix()),
-            "gt_depth": gt_depth,
-            "gt_boxes": as_f32(boxes),
-            "gt_labels": torch.from_numpy(labels),
-            "meta": {
+        cams = CameraGeometry(
+            cam2key_rot=as_f32(rots)[None],
+            cam2key_trans=as_f32(trans)[None],
+            intrinsics=as_f32(intrinsics)[None],
+            post_rot=as_f32(post_rot)[None],
+            post_trans=as_f32(post_trans)[None],
+            bda=as_f32(bev.matrix())[None],
+        )
+        return Sample(
+            # Normalised by Collate, straight into the batch buffer (see the module docstring).
+            images=torch.from_numpy(images),
+            cams=cams,
+            gt_depth=gt_depth,
+            gt_boxes=as_f32(boxes),
+            gt_labels=torch.from_numpy(labels),
+            meta={
                 "token": info["token"],
                 "scene_token": info["scene_token"],
                 "timestamp": int(info["timestamp"]),
@@ -398,9 +392,9 @@ class BEVDataset(Dataset):
                 "frame_tokens": [records[j]["token"] for j in frames],
                 "sample_index": i,
             },
-        }
+        )
 
-    def _image(self, info: dict[str, Any], cam: str, aug: ImageAug) -> np.ndarray:
+    def _image(self, info: InfoRecord, cam: str, aug: ImageAug) -> np.ndarray:
         """One augmented camera image (H, W, 3) uint8; bad files become ``DataError`` naming path and sample."""
         path = self.data_root / info["cams"][cam]["path"]
         try:
@@ -413,7 +407,7 @@ class BEVDataset(Dataset):
                              f"expected uint8 ({out_h}, {out_w}, 3)")
         return image
 
-    def _points(self, info: dict[str, Any]) -> np.ndarray:
+    def _points(self, info: InfoRecord) -> np.ndarray:
         """The key LiDAR sweep, (P, 3) float64 in the LIDAR_TOP frame (non-finite points dropped)."""
         path = self.data_root / info["lidar"]["path"]
         try:
@@ -427,15 +421,15 @@ class BEVDataset(Dataset):
         points = np.frombuffer(raw, dtype=np.float32).reshape(-1, _LIDAR_COLUMNS)[:, :3].astype(np.float64)
         return points[np.isfinite(points).all(axis=1)]
 
-    def _depth(self, info: dict[str, Any], augs: list[ImageAug]) -> np.ndarray:
+    def _depth(self, info: InfoRecord, augs: list[ImageAug]) -> np.ndarray:
         """(N, H, W) float32 sparse depth of the key sample's cameras."""
         lidar = info["lidar"]
-        lidar2global = _pose(lidar["ego2global"]) @ _pose(lidar["sensor2ego"])
+        lidar2global = sensor2global(lidar)
         lidar2cams, intrinsics = [], []
         for cam in CAMERAS:
             record = info["cams"][cam]
             # Through the global frame: the LiDAR's ego pose (its timestamp) and the camera's own (its timestamp).
-            cam2global = _pose(record["ego2global"]) @ _pose(record["sensor2ego"])
+            cam2global = sensor2global(record)
             lidar2cams.append(cam2global.inverse() @ lidar2global)
             intrinsics.append(np.asarray(record["intrinsic"], dtype=np.float64))
         return depth_map(self._points(info), lidar2cams, intrinsics, augs, self.cfg.src_size, self.cfg.depth_range)

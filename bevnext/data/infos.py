@@ -45,6 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bevnext import __version__
 from bevnext.data.files import jpeg_problem, lidar_bin_problem
+from bevnext.data.info_record import InfoRecord
 from bevnext.errors import DataError
 from bevnext.io import atomic_write_json
 from bevnext.structures.boxes import CATEGORY_TO_CLASS, CLASSES, global_boxes_to_ego
@@ -110,7 +111,7 @@ class InfoFile:
     version: str
     split: str
     classes: list[str]
-    infos: list[dict[str, Any]]
+    infos: list[InfoRecord]
     created_by: str = ""
 
 
@@ -129,19 +130,6 @@ class _SampleProblem(Exception):
 def info_path(data_root: str | Path, split: str) -> Path:
     """The info file of ``split``: ``data_root / f"bevnext_infos_{split}.json"``."""
     return Path(data_root) / f"bevnext_infos_{split}.json"
-
-
-def key_ego2global(info: Mapping[str, Any]) -> RigidTransform:
-    """The ego pose that defines an info's key frame (the frame of ``gt_boxes``).
-
-    Args:
-        info: one info record.
-
-    Returns:
-        key-ego -> global transform: the ego pose at the sample's CAM_FRONT timestamp.
-    """
-    pose = info["cams"][KEY_CAMERA]["ego2global"]
-    return RigidTransform.from_nusc(pose["translation"], pose["rotation"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,9 +423,7 @@ def _sample_info(nusc: Any, table_root: Path, sample: Mapping[str, Any], scene_n
             "sensor2ego": entry["sensor2ego"],
             "ego2global": entry["ego2global"],
         }
-    key_pose = RigidTransform.from_nusc(
-        cams[KEY_CAMERA]["ego2global"]["translation"], cams[KEY_CAMERA]["ego2global"]["rotation"]
-    )
+    key_pose = RigidTransform.from_record(cams[KEY_CAMERA]["ego2global"])
     return {
         "token": sample["token"],
         "scene_token": sample["scene_token"],
@@ -661,7 +647,6 @@ __all__ = [
     "InfoFile",
     "create_infos",
     "info_path",
-    "key_ego2global",
     "load_infos",
     "splits_for_version",
 ]

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, Sampler
 from bevnext.config.data import DataConfig
 from bevnext.config.run import EvalConfig
 from bevnext.data import image_io
-from bevnext.data.collate import collate
+from bevnext.data.collate import Collate
 from bevnext.data.dataset import BEVDataset
 from bevnext.data.infos import info_path
-from bevnext.data.sampler import CBGSSampler, shard
+from bevnext.data.sampler import CBGSSampler, SceneShardSampler, shard
 from bevnext.errors import DataError
 
 
@@ -179,7 +179,7 @@ def build_train_loader(
         sampler=sampler,
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=Collate.from_config(cfg),
         pin_memory=pin_memory,
         drop_last=True,
         **(workers if num_workers > 0 else {}),
@@ -187,16 +187,27 @@ def build_train_loader(
     return TrainLoader(dataset, sampler, loader)
 
 
-def build_eval_loader(cfg: DataConfig, eval_cfg: EvalConfig, split: str | None = None) -> DataLoader:
-    """A test-pipeline loader over a whole split (``cfg.val_split`` by default), in timestamp order."""
+def build_eval_loader(cfg: DataConfig, eval_cfg: EvalConfig, split: str | None = None, rank: int = 0,
+                      world_size: int = 1) -> DataLoader:
+    """A test-pipeline loader over this rank's share of a split (``cfg.val_split`` by default).
+
+    Each rank gets whole scenes, in timestamp order (``SceneShardSampler``); the ranks together cover every
+    sample of the split once.
+
+    Raises:
+        DataError: no info file for the split, or a split without samples.
+    """
     split = split or cfg.val_split
     path = info_path(cfg.data_root, split)
     if not path.is_file():
         raise DataError(f"{path}: no info file for split {split!r} — run bevnext create-data first")
     dataset = BEVDataset(path, cfg.data_root, cfg, train=False)
+    if len(dataset) == 0:
+        raise DataError(f"{path}: split {split!r} has no samples")
     workers = eval_cfg.num_workers
-    return DataLoader(dataset, batch_size=eval_cfg.batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate, worker_init_fn=loader_worker_setup(workers))
+    return DataLoader(dataset, batch_size=eval_cfg.batch_size, sampler=SceneShardSampler(dataset.infos, rank,
+                      world_size), num_workers=workers, collate_fn=Collate.from_config(cfg),
+                      worker_init_fn=loader_worker_setup(workers))
 
 
 __all__ = [

@@ -27,13 +27,14 @@ from typing import Any, Protocol
 import numpy as np
 from torch.utils.data import Sampler
 
+from bevnext.data.info_record import InfoRecord
 from bevnext.config.data import CBGS_COUNTS
 from bevnext.errors import DataError
 from bevnext.structures.boxes import CLASSES
 
 
 class _HasInfos(Protocol):
-    infos: Sequence[Mapping[str, Any]]
+    infos: Sequence[InfoRecord]
 
 
 def class_sample_lists(labels_per_sample: Sequence[Sequence[int]], num_classes: int) -> list[np.ndarray]:
@@ -169,4 +170,40 @@ class CBGSSampler(Sampler[int]):
         return self.num_samples
 
 
-__all__ = ["CBGSSampler", "cbgs_counts", "cbgs_indices", "class_sample_lists", "shard"]
+class SceneShardSampler(Sampler[int]):
+    """Evaluation order: whole scenes per rank, each scene's samples in the order of the infos (timestamps).
+
+    A scene never straddles two ranks, so a rank sees every history frame of its samples as an earlier key
+    frame (what history-feature reuse needs), and the ranks together cover every sample exactly once. The
+    scenes are dealt largest first to the rank with the fewest samples so far (ties to the lower rank), then
+    each rank walks its scenes in their original order: the assignment depends only on the infos and the
+    world size.
+
+    Args:
+        infos: the dataset's infos (``scene_token`` of each), in timestamp order.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(self, infos: Sequence[InfoRecord], rank: int = 0, world_size: int = 1) -> None:
+        scenes: dict[str, list[int]] = {}
+        for index, info in enumerate(infos):
+            scenes.setdefault(str(info["scene_token"]), []).append(index)
+        order = list(scenes)
+        position = {scene: i for i, scene in enumerate(order)}
+        load = [0] * world_size
+        owner: dict[str, int] = {}
+        for scene in sorted(order, key=lambda s: (-len(scenes[s]), position[s])):
+            r = min(range(world_size), key=lambda k: (load[k], k))
+            owner[scene] = r
+            load[r] += len(scenes[scene])
+        self.indices = [i for scene in order if owner[scene] == rank for i in scenes[scene]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+__all__ = ["CBGSSampler", "SceneShardSampler", "cbgs_counts", "cbgs_indices", "class_sample_lists", "shard"]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bevnext.errors import BevnextError
+from bevnext.errors import BevnextError, one_line
 
 __all__ = [
     "DEVICE_TYPES",
@@ -43,7 +43,6 @@ __all__ = [
     "reset_peak_memory",
     "resolve_device_type",
     "seed_everything",
-    "seed_worker",
     "synchronize",
 ]
 
@@ -69,12 +68,6 @@ class DeviceError(BevnextError, RuntimeError):
     A ``BevnextError`` so that the ``bevnext`` command reports it as one line without a traceback;
     a ``RuntimeError`` so that generic callers can catch it as the usual "can't run here" error.
     """
-
-
-def _one_line(exc: BaseException) -> str:
-    """Render an exception as ``Type: message`` on a single line (CANN errors span many lines)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _torch_npu_installed() -> bool:
@@ -103,7 +96,7 @@ def _import_torch_npu() -> ModuleType:
         return importlib.import_module("torch_npu")
     except Exception as exc:  # any failure inside torch_npu (missing CANN libs, ...) means "no NPU"
         raise DeviceError(
-            f"device 'npu' requested but importing torch_npu failed ({_one_line(exc)}); "
+            f"device 'npu' requested but importing torch_npu failed ({one_line(exc, with_type=True)}); "
             "is CANN set up (source <cann>/set_env.sh)?"
         ) from exc
 
@@ -130,7 +123,7 @@ def _probe_npu() -> bool:
         if not _npu_probe_warned:
             _npu_probe_warned = True
             logger.warning(
-                "torch_npu is installed but failed to import (%s); not using the NPU", _one_line(exc)
+                "torch_npu is installed but failed to import (%s); not using the NPU", one_line(exc, with_type=True)
             )
         return False
     return _npu_device_count() > 0
@@ -422,20 +415,3 @@ def seed_everything(base_seed: int, rank: int = 0, deterministic: bool = False) 
             cudnn.deterministic = True
             cudnn.benchmark = False
     return seed
-
-
-def seed_worker(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: seed NumPy and ``random`` inside a loader worker.
-
-    torch already gives each worker its own seed (the loader's base seed + ``worker_id``), but
-    NumPy's and Python's global generators are copied from the parent by ``fork``, so every worker
-    would otherwise draw the same "random" augmentations. We derive both from ``torch.initial_seed()``,
-    which makes them differ per worker and follow the loader's generator (hence the seed of the run).
-
-    Args:
-        worker_id: the worker index (unused: ``torch.initial_seed()`` already includes it).
-    """
-    del worker_id
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)  # noqa: NPY002 - augmentations draw from the legacy global generator
-    random.seed(seed)

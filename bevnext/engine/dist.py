@@ -30,6 +30,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "cleanup_distributed",
+    "gather_object_to_main",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -290,3 +291,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_object_to_main(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on rank 0, in rank order; ``[]`` on the other ranks.
+
+    Unlike ``all_gather_object`` only rank 0 receives the data (evaluation predictions can be hundreds of MB).
+    Without a process group the result is ``[obj]``.
+    """
+    if not _is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered if gathered is not None else []

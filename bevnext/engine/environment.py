@@ -21,15 +21,11 @@ from typing import Any
 import torch
 
 import bevnext
+from bevnext.errors import one_line
 
 __all__ = ["collect_environment", "format_environment"]
 
 GIT_TIMEOUT_S = 5.0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _module_version(name: str) -> str:
@@ -42,7 +38,7 @@ def _module_version(name: str) -> str:
     try:
         module = importlib.import_module(name)
     except Exception as exc:  # mx_driving raises arbitrary errors when no NPU/CANN is present
-        return f"unavailable: {_first_line(exc)}"
+        return f"unavailable: {one_line(exc, with_type=True, first_line_only=True)}"
     version = getattr(module, "__version__", None)
     if version is None:
         try:

@@ -56,7 +56,6 @@ from bevnext.engine.checkpoint import (
 )
 from bevnext.engine.device import (
     autocast,
-    choose_num_threads,
     grad_scaler,
     memory_stats,
     reset_peak_memory,
@@ -65,7 +64,9 @@ from bevnext.engine.device import (
 )
 from bevnext.engine.ema import ModelEMA
 from bevnext.engine.environment import collect_environment, format_environment
-from bevnext.engine.metrics import MetricWriter, SmoothedValue, format_eta, setup_logging
+from bevnext.engine.evaluate import evaluate_model
+from bevnext.engine.launch import start_process
+from bevnext.engine.metrics import MetricWriter, SmoothedValue, format_eta
 from bevnext.engine.schedule import lr_factor, set_lr
 from bevnext.engine.train_state import (
     Position,
@@ -266,15 +267,8 @@ def train(
     t_start = time.perf_counter()
     run.validate()
     work_dir = Path(work_dir)
-    info = bdist.init_distributed(None if run.runtime.device == "auto" else run.runtime.device)
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    bdist.barrier()
-    setup_logging(work_dir, info.rank)
+    info, threads = start_process(run, work_dir, "log.txt", run.train.num_workers)
     device, t = info.device, run.train
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = choose_num_threads(run.runtime.num_threads, local_world, t.num_workers)
-    torch.set_num_threads(threads)
     env = collect_environment()
     if info.is_main:
         _write_run_files(run, work_dir, info, env)
@@ -531,9 +525,28 @@ def _train_epochs(c: _LoopContext, writer: MetricWriter, start_epoch: int, start
             c.epochs_done = epoch + 1
             last = epoch + 1 == t.epochs or c.global_step >= total_steps
             _save(c, Position(epoch + 1, 0, c.global_step), final=last)
+            if t.eval_every and ((epoch + 1) % t.eval_every == 0 or last):
+                _evaluate(c, writer, epoch + 1)
         else:
             _save(c, Position(epoch, step_in_epoch, c.global_step), final=True)
+            if t.eval_every:  # train.max_iters ended the run inside an epoch: evaluate where it stopped
+                _evaluate(c, writer, epoch + 1)
             break
+
+
+def _evaluate(c: _LoopContext, writer: MetricWriter, epoch: int) -> None:
+    """Evaluate the EMA weights (the model's without EMA) on the validation split; log mAP / NDS."""
+    model = c.ema.module if c.ema is not None else c.model
+    which = "EMA" if c.ema is not None else "model"
+    out = c.work_dir / f"eval_epoch_{epoch}"
+    result = evaluate_model(model, c.run, out, quiet=True, checkpoint=f"{which} weights after epoch {epoch}")
+    if c.info.is_main:
+        m = result.metrics
+        logger.info("epoch %d evaluation (%s weights, %s): mAP %.4f, NDS %.4f, mAP (classes with ground truth) "
+                    "%.4f; %s", epoch, which, c.run.data.val_split, m["mean_ap"], m["nd_score"],
+                    m["map_classes_with_gt"], result.metrics_path)
+        writer.write(c.global_step, {"epoch": epoch, "eval_mAP": m["mean_ap"], "eval_NDS": m["nd_score"],
+                                     "eval_mAP_classes_with_gt": m["map_classes_with_gt"]})
 
 
 def _remove_stale_temp_files(work_dir: Path) -> None:

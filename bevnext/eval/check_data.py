@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bevnext.data.infos import info_path, key_ego2global, load_infos, splits_for_version
+from bevnext.data.info_record import InfoRecord, key_ego2global
+from bevnext.data.infos import info_path, load_infos, splits_for_version
 from bevnext.errors import DataError
 from bevnext.eval.formatting import detections_to_nusc, write_results
 from bevnext.eval.nusc_eval import evaluate_nusc, format_metrics_lines
@@ -44,7 +45,7 @@ def default_split(data_root: str | os.PathLike[str], version: str) -> str:
     return splits[-1]
 
 
-def _gt_as_detections(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _gt_as_detections(info: InfoRecord) -> tuple[np.ndarray, np.ndarray]:
     """(N, 9) key-ego boxes and (N,) labels of the info's ground truth that the devkit will evaluate."""
     boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, BOX_DIM)
     labels = np.asarray(info["gt_labels"], dtype=np.int64).reshape(-1)

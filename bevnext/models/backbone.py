@@ -9,7 +9,7 @@ from torchvision. State-dict names are torchvision's (``conv1``, ``bn1``, ``laye
 Pretrained weights are never downloaded: ``pretrained="auto"`` looks for torchvision's file in the torch hub cache
 (``$TORCH_HOME/hub/checkpoints``) and falls back to random initialisation with one warning.
 
-Also here: :func:`checkpoint_module`, the activation-checkpoint helper shared with the depth net.
+ResNet-18/34 use the shared :class:`~bevnext.models.blocks.BasicBlock`; the bottleneck of ResNet-50+ is here.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
 
 from bevnext.errors import ConfigError
+from bevnext.models.blocks import BasicBlock, maybe_checkpoint
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNetBackbone", "checkpoint_module", "pretrained_weights_path"]
+__all__ = ["Bottleneck", "ResNetBackbone", "pretrained_weights_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,90 +45,6 @@ _TORCHVISION_FILES = {
     152: "resnet152-394f9c45.pth",
 }
 _warned_missing: set[str] = set()
-
-
-def checkpoint_module(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` with activation checkpointing: only ``x`` is kept, the forward is re-run in the backward.
-
-    The re-run sees the same RNG state (dropout masks repeat) and, unlike a bare ``torch.utils.checkpoint``,
-    does not update BatchNorm running statistics a second time: the re-run normalises with the batch statistics
-    as the first run did, but leaves the running mean/var and ``num_batches_tracked`` untouched, so they end up
-    exactly as without checkpointing.
-
-    Args:
-        module: any module taking one tensor.
-        x: its input; checkpointing only makes sense when ``x.requires_grad``.
-
-    Returns:
-        ``module(x)``.
-    """
-    calls = [0]
-
-    def run(inp: Tensor) -> Tensor:
-        calls[0] += 1
-        if calls[0] == 1:
-            return module(inp)
-        with _no_running_stat_updates(module):
-            return module(inp)
-
-    return checkpoint(run, x, use_reentrant=False)
-
-
-class _no_running_stat_updates:
-    """Context: BatchNorm layers in train mode still normalise with batch statistics, but their running
-    statistics and ``num_batches_tracked`` come out unchanged.
-
-    Momentum 0 makes the running-stat update ``r <- 1 * r + 0 * batch`` (exact), and the counter is restored on
-    exit. Switching ``track_running_stats`` off instead would change which tensors the BN op saves, which the
-    non-reentrant checkpoint rejects.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        self.saved: list[tuple[float | None, Tensor | None]] = []
-
-    def __enter__(self) -> None:
-        self.saved = []
-        for m in self.layers:
-            counter = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
-            self.saved.append((m.momentum, counter))
-            m.momentum = 0.0
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for m, (momentum, counter) in zip(self.layers, self.saved):
-                m.momentum = momentum
-                if counter is not None:
-                    m.num_batches_tracked.copy_(counter)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs + BN with an identity (or 1x1 conv + BN) shortcut; ResNet-18/34 block.
-
-    Args:
-        in_channels: input channels.
-        planes: channels of both convs (the block's output, expansion 1).
-        stride: stride of the first conv.
-        downsample: shortcut projection, or None for the identity.
-    """
-
-    expansion = 1
-
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, Cin, H, W) -> (B, planes, H / stride, W / stride)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
@@ -298,7 +213,8 @@ class ResNetBackbone(nn.Module):
         outs = []
         for i in range(self.out_indices[-1] + 1):
             for block in getattr(self, f"layer{i + 1}"):
-                x = checkpoint_module(block, x) if self.with_cp and x.requires_grad else block(x)
+                # Checkpoint only when a gradient flows back through x; the re-run leaves BN statistics alone.
+                x = maybe_checkpoint(block, x, self.with_cp and x.requires_grad)
             if i in self.out_indices:
                 outs.append(x)
         return outs

@@ -5,8 +5,9 @@ All maps here are BEV feature maps ``(B, C, H, W)`` on the key-ego BEV grid as p
 
 * ``BEVResNet`` — a ResNet of BasicBlocks (the reference's ``CustomResNet``). Used as ``pre_process_net`` (one
   stride-1 stage, applied to every frame's BEV) and as the stage-1 BEV encoder backbone (three stride-2 stages).
-* ``Res2Fusion`` — the stage-2 BEV encoder backbone (re-exported from ``bevnext.models.res2fusion``).
 * ``FPNLSS`` — the BEV neck: fuses the stride-2 and stride-8 backbone outputs and upsamples back to the full grid.
+
+The stage-2 BEV encoder backbone, ``Res2Fusion``, is in ``bevnext.models.res2fusion``.
 
 State-dict names and shapes equal the reference checkpoint's, so reference weights load without a key map.
 """
@@ -18,56 +19,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from bevnext.errors import ConfigError
-from bevnext.models.res2fusion import Res2Fusion
+from bevnext.models.blocks import BasicBlock, ConvBNReLU, check_config, maybe_checkpoint
 
-__all__ = ["BEVResNet", "BasicBlock", "FPNLSS", "Res2Fusion"]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: 3x3 conv (strided) → BN → ReLU → 3x3 conv → BN, + shortcut, ReLU.
-
-    Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        stride: stride of the first 3x3 convolution.
-        downsample: shortcut module, or None for the identity (then ``stride`` must be 1 and the channel counts
-            equal).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        _check(
-            downsample is not None or (stride == 1 and in_channels == out_channels),
-            "BasicBlock: an identity shortcut needs stride 1 and in_channels == out_channels",
-        )
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply the block.
-
-        Args:
-            x: (B, in_channels, H, W).
-
-        Returns:
-            (B, out_channels, ceil(H / stride), ceil(W / stride)).
-        """
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+__all__ = ["BEVResNet", "FPNLSS"]
 
 
 class BEVResNet(nn.Module):
@@ -83,7 +38,8 @@ class BEVResNet(nn.Module):
         strides: stride of each stage (applied by its first block).
         channels: output channels of each stage.
         with_cp: activation checkpointing of each stage while gradients are enabled (saves memory, costs one extra
-            forward; numerically identical).
+            forward). Outputs, gradients and BatchNorm running statistics are those of the plain forward (see
+            ``bevnext.models.blocks.maybe_checkpoint``).
     """
 
     def __init__(
@@ -95,17 +51,17 @@ class BEVResNet(nn.Module):
         with_cp: bool = False,
     ) -> None:
         super().__init__()
-        _check(in_channels >= 1, f"BEVResNet: in_channels must be >= 1, got {in_channels}")
-        _check(len(num_layers) >= 1, "BEVResNet: num_layers must name at least one stage")
-        _check(
+        check_config(in_channels >= 1, f"BEVResNet: in_channels must be >= 1, got {in_channels}")
+        check_config(len(num_layers) >= 1, "BEVResNet: num_layers must name at least one stage")
+        check_config(
             len(strides) == len(num_layers) and len(channels) == len(num_layers),
             f"BEVResNet: num_layers ({len(num_layers)}), strides ({len(strides)}) and channels ({len(channels)}) "
             "must have the same length",
         )
         for i, (blocks, stride, out) in enumerate(zip(num_layers, strides, channels, strict=True)):
-            _check(blocks >= 1, f"BEVResNet: num_layers[{i}] must be >= 1, got {blocks}")
-            _check(stride >= 1, f"BEVResNet: strides[{i}] must be >= 1, got {stride}")
-            _check(out >= 1, f"BEVResNet: channels[{i}] must be >= 1, got {out}")
+            check_config(blocks >= 1, f"BEVResNet: num_layers[{i}] must be >= 1, got {blocks}")
+            check_config(stride >= 1, f"BEVResNet: strides[{i}] must be >= 1, got {stride}")
+            check_config(out >= 1, f"BEVResNet: channels[{i}] must be >= 1, got {out}")
         self.in_channels = in_channels
         self.with_cp = with_cp
 
@@ -132,11 +88,9 @@ class BEVResNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"BEVResNet expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         feats = []
+        use_cp = self.with_cp and torch.is_grad_enabled()
         for stage in self.layers:
-            if self.with_cp and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            x = maybe_checkpoint(stage, x, use_cp)
             feats.append(x)
         return feats
 
@@ -170,14 +124,14 @@ class FPNLSS(nn.Module):
         extra_upsample: int | None = 2,
     ) -> None:
         super().__init__()
-        _check(in_channels >= 1, f"FPNLSS: in_channels must be >= 1, got {in_channels}")
-        _check(out_channels >= 1, f"FPNLSS: out_channels must be >= 1, got {out_channels}")
-        _check(scale_factor >= 1, f"FPNLSS: scale_factor must be >= 1, got {scale_factor}")
-        _check(
+        check_config(in_channels >= 1, f"FPNLSS: in_channels must be >= 1, got {in_channels}")
+        check_config(out_channels >= 1, f"FPNLSS: out_channels must be >= 1, got {out_channels}")
+        check_config(scale_factor >= 1, f"FPNLSS: scale_factor must be >= 1, got {scale_factor}")
+        check_config(
             len(input_feature_index) == 2,
             f"FPNLSS: input_feature_index must be (fine, coarse), got {input_feature_index}",
         )
-        _check(
+        check_config(
             extra_upsample is None or extra_upsample >= 1,
             f"FPNLSS: extra_upsample must be >= 1 or None, got {extra_upsample}",
         )
@@ -187,21 +141,13 @@ class FPNLSS(nn.Module):
         self.extra_upsample = extra_upsample
 
         mid = out_channels * 2 if extra_upsample is not None else out_channels
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, mid, 3, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
-            nn.ReLU(inplace=True),
-        )
+        # The units are unpacked: the reference numbers these layers flat (conv.0 = conv, conv.1 = BN, conv.3, ...).
+        self.conv = nn.Sequential(*ConvBNReLU(in_channels, mid, 3), *ConvBNReLU(mid, mid, 3))
         self.up2: nn.Sequential | None = None
         if extra_upsample is not None:
             self.up2 = nn.Sequential(
                 nn.Upsample(scale_factor=extra_upsample, mode="bilinear", align_corners=True),
-                nn.Conv2d(mid, out_channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(out_channels),
-                nn.ReLU(inplace=True),
+                *ConvBNReLU(mid, out_channels, 3),
                 nn.Conv2d(out_channels, out_channels, 1),
             )
 

@@ -25,6 +25,7 @@ they are — no l/w swap. ``nms_rotated_bev`` takes ``[x, y, l, w, yaw]`` with t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,39 +33,108 @@ from torch import Tensor
 from bevnext.errors import ConfigError
 from bevnext.models.targets import TASKS, check_tasks
 from bevnext.ops import circle_nms, nms_rotated_bev
+from bevnext.structures.boxes import BOX_DIM
 from bevnext.structures.detections import Detections
 
 __all__ = [
-    "NMS_RESCALE_FACTOR",
-    "NMS_THR",
-    "NMS_TYPE",
-    "MIN_RADIUS",
+    "REFERENCE_TASK_DECODING",
+    "DecodeConfig",
+    "TaskDecoding",
     "decode_boxes",
     "decode_task",
+    "post_center_range_for",
     "scale_nms",
 ]
 
-NMS_TYPE: tuple[str, ...] = ("rotate", "rotate", "rotate", "circle", "rotate", "rotate")
-"""Reference NMS kind per task of ``TASKS``."""
-NMS_THR: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2, 0.5)
-"""Reference rotated-IoU threshold per task (suppress when IoU > threshold)."""
-NMS_RESCALE_FACTOR: tuple[float | tuple[float, ...], ...] = (1.0, (0.7, 0.7), (0.4, 0.55), 1.1, (1.0, 1.0), (4.5, 9.0))
-"""Reference Scale-NMS size factors per task: one factor for the task, or one per class of the task."""
-MIN_RADIUS: tuple[float, ...] = (4.0, 12.0, 10.0, 1.0, 0.85, 0.175)
-"""Reference circle-NMS thresholds per task, on the **squared** centre distance (m^2); only circle tasks use it."""
 
-_BOX = 9
+@dataclass(frozen=True)
+class TaskDecoding:
+    """How the boxes of one task (class group) are decoded and suppressed.
+
+    Attributes:
+        classes: the task's classes as indices into ``CLASSES``; local label ``j`` is ``classes[j]``.
+        nms_type: ``"rotate"`` (rotated BEV IoU) or ``"circle"`` (squared centre distance).
+        iou_threshold: ``rotate``: suppress when IoU > threshold.
+        rescale_factors: ``rotate``: one factor on ``l`` and ``w`` per class before the IoU (Scale-NMS).
+        circle_threshold: ``circle``: suppress when the squared centre distance <= threshold (m^2).
+    """
+
+    classes: tuple[int, ...]
+    nms_type: str = "rotate"
+    iou_threshold: float = 0.2
+    rescale_factors: tuple[float, ...] = ()
+    circle_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.nms_type not in ("rotate", "circle"):
+            raise ConfigError(f"nms_type must be 'rotate' or 'circle', got {self.nms_type!r}")
+        if not self.rescale_factors:
+            object.__setattr__(self, "rescale_factors", (1.0,) * len(self.classes))
+        if len(self.rescale_factors) != len(self.classes):
+            raise ConfigError(
+                f"rescale_factors {self.rescale_factors} need one value per class of the task {self.classes}"
+            )
+
+
+def _reference_tasks() -> tuple[TaskDecoding, ...]:
+    # The reference's per-task settings, in the order of TASKS: car, truck + construction vehicle, bus + trailer,
+    # barrier, motorcycle + bicycle, pedestrian + traffic cone. A task-wide factor is repeated per class.
+    nms_type = ("rotate", "rotate", "rotate", "circle", "rotate", "rotate")
+    iou = (0.2, 0.2, 0.2, 0.2, 0.2, 0.5)
+    factors = ((1.0,), (0.7, 0.7), (0.4, 0.55), (1.1,), (1.0, 1.0), (4.5, 9.0))
+    circle = (4.0, 12.0, 10.0, 1.0, 0.85, 0.175)
+    return tuple(
+        TaskDecoding(classes, kind, thr, factor * (len(classes) // len(factor)), radius)
+        for classes, kind, thr, factor, radius in zip(TASKS, nms_type, iou, factors, circle)
+    )
+
+
+REFERENCE_TASK_DECODING: tuple[TaskDecoding, ...] = _reference_tasks()
+"""The reference's decoding of the six tasks of ``TASKS`` (its ``test_cfg``)."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Everything decoding needs besides the head outputs; ``build_model`` builds it from the model config.
+
+    Attributes:
+        grid_lower: ``(x_min, y_min)`` of the BEV grid in the key frame (metres).
+        cell_size: ``(dx, dy)`` of a heatmap cell (metres).
+        tasks: one ``TaskDecoding`` per task, in the heads' task order.
+        post_center_range: ``(x_min, y_min, z_min, x_max, y_max, z_max)`` a box centre must lie in (inclusive);
+            None disables the check.
+        score_threshold: keep scores strictly above this.
+        topk: candidates taken per sample and task (over class x cells).
+        pre_max_size: ``rotate`` NMS: only the best this many candidates take part (None: all).
+        post_max_size: at most this many boxes kept per task (None: all).
+    """
+
+    grid_lower: tuple[float, float] = (-51.2, -51.2)
+    cell_size: tuple[float, float] = (0.8, 0.8)
+    tasks: tuple[TaskDecoding, ...] = REFERENCE_TASK_DECODING
+    post_center_range: tuple[float, ...] | None = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
+    score_threshold: float = 0.1
+    topk: int = 500
+    pre_max_size: int | None = 1000
+    post_max_size: int | None = 83
+
+    def __post_init__(self) -> None:
+        check_tasks([t.classes for t in self.tasks])
+        if self.post_center_range is not None and len(self.post_center_range) != 6:
+            raise ConfigError(f"post_center_range must have 6 values, got {self.post_center_range}")
+
+
+def post_center_range_for(point_cloud_range: Sequence[float], margin: float = 10.0) -> tuple[float, ...]:
+    """The reference's ``post_center_range``: the grid widened by ``margin`` metres in x and y, z within +-margin.
+
+    ``(-51.2, -51.2, -5, 51.2, 51.2, 3)`` gives ``(-61.2, -61.2, -10, 61.2, 61.2, 10)``.
+    """
+    x0, y0, _, x1, y1, _ = (float(v) for v in point_cloud_range)
+    return (x0 - margin, y0 - margin, -margin, x1 + margin, y1 + margin, margin)
 
 
 def decode_task(
-    heatmap: Tensor,
-    preds: Mapping[str, Tensor],
-    point_cloud_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0),
-    voxel_size: Sequence[float] = (0.1, 0.1),
-    out_size_factor: int = 8,
-    score_threshold: float = 0.1,
-    post_center_range: Sequence[float] | None = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0),
-    topk: int = 500,
+    heatmap: Tensor, preds: Mapping[str, Tensor], cfg: DecodeConfig = DecodeConfig()
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Candidate boxes of one task, before NMS.
 
@@ -72,21 +142,15 @@ def decode_task(
         heatmap: (B, k, Y, X) class scores in [0, 1] (after sigmoid).
         preds: ``{"reg": (B, 2, Y, X), "height": (B, 1, ..), "dim": (B, 3, ..), "rot": (B, 2, ..)}`` and optionally
             ``"vel": (B, 2, ..)`` (zeros when absent), as ``CenterHeadReg`` predicts them.
-        point_cloud_range: BEV grid range; only ``x_min, y_min`` are used.
-        voxel_size: ``(vx, vy[, ...])``; a cell is ``voxel_size * out_size_factor`` metres.
-        out_size_factor: feature stride in voxels.
-        score_threshold: keep scores strictly above this.
-        post_center_range: ``(x_min, y_min, z_min, x_max, y_max, z_max)`` the centre must lie in (inclusive);
-            None disables the check.
-        topk: candidates taken per sample (over class x cells).
+        cfg: grid, score threshold, centre range and ``topk`` (the task settings are not used here).
 
     Returns:
-        Per sample ``Detections(boxes (K, 9) float32, scores (K,), labels (K,) int64 class within the task)``, sorted by
+        Per sample ``(boxes (K, 9) float32, scores (K,), labels (K,) int64 class within the task)``, sorted by
         descending score.
     """
     b, k, grid_y, grid_x = heatmap.shape
     cells = grid_y * grid_x
-    num = min(int(topk), k * cells)
+    num = min(int(cfg.topk), k * cells)
     scores, flat = heatmap.reshape(b, k * cells).float().topk(num, dim=1)
     labels = flat // cells
     cell = flat % cells
@@ -102,10 +166,8 @@ def decode_task(
 
     reg = at("reg", 2)
     rot = at("rot", 2)
-    step_x = out_size_factor * voxel_size[0]
-    step_y = out_size_factor * voxel_size[1]
-    xs = (col + reg[..., 0]) * step_x + point_cloud_range[0]
-    ys = (row + reg[..., 1]) * step_y + point_cloud_range[1]
+    xs = (col + reg[..., 0]) * cfg.cell_size[0] + cfg.grid_lower[0]
+    ys = (row + reg[..., 1]) * cfg.cell_size[1] + cfg.grid_lower[1]
     boxes = torch.cat(
         (
             xs.unsqueeze(-1),
@@ -117,9 +179,9 @@ def decode_task(
         ),
         dim=-1,
     )
-    keep = scores > score_threshold
-    if post_center_range is not None:
-        bounds = boxes.new_tensor(list(post_center_range))
+    keep = scores > cfg.score_threshold
+    if cfg.post_center_range is not None:
+        bounds = boxes.new_tensor(list(cfg.post_center_range))
         keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
     return [(boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]) for i in range(b)]
 
@@ -128,10 +190,7 @@ def scale_nms(
     boxes: Tensor,
     scores: Tensor,
     labels: Tensor,
-    nms_type: str,
-    iou_threshold: float,
-    rescale_factor: float | Sequence[float] = 1.0,
-    circle_threshold: float = 1.0,
+    task: TaskDecoding,
     pre_max_size: int | None = 1000,
     post_max_size: int | None = 83,
 ) -> Tensor:
@@ -140,11 +199,8 @@ def scale_nms(
     Args:
         boxes: (K, 9) ``[x, y, z, l, w, h, yaw, vx, vy]``.
         scores: (K,).
-        labels: (K,) int64 class within the task (indexes a per-class ``rescale_factor``).
-        nms_type: ``"rotate"`` (rotated BEV IoU) or ``"circle"`` (squared centre distance).
-        iou_threshold: ``rotate``: suppress when IoU > threshold.
-        rescale_factor: ``rotate``: factor on ``l`` and ``w`` before the IoU, one for all classes or one per class.
-        circle_threshold: ``circle``: suppress when the squared centre distance <= threshold (m^2).
+        labels: (K,) int64 class within the task (indexes ``task.rescale_factors``).
+        task: the task's NMS settings.
         pre_max_size: ``rotate``: only the best this many candidates take part (the reference applies no such
             limit to circle NMS).
         post_max_size: at most this many are kept.
@@ -152,107 +208,54 @@ def scale_nms(
     Returns:
         (num_kept,) int64 indices into ``boxes``, by descending score.
     """
-    if nms_type == "circle":
-        return circle_nms(boxes[:, :2], scores, circle_threshold, post_max_size)
-    if nms_type != "rotate":
-        raise ConfigError(f"nms_type must be 'rotate' or 'circle', got {nms_type!r}")
-    if isinstance(rescale_factor, (int, float)):
-        factor = boxes.new_full((boxes.shape[0],), float(rescale_factor))
-    else:
-        table = boxes.new_tensor([float(f) for f in rescale_factor])
-        # Classes without a factor keep their size, as in the reference.
-        in_table = (labels >= 0) & (labels < table.numel())
-        factor = torch.where(in_table, table[labels.clamp(0, table.numel() - 1)], torch.ones_like(table[:1]))
+    if task.nms_type == "circle":
+        return circle_nms(boxes[:, :2], scores, task.circle_threshold, post_max_size)
+    table = boxes.new_tensor([float(f) for f in task.rescale_factors])
+    # Labels outside the task keep their size, as in the reference.
+    in_table = (labels >= 0) & (labels < table.numel())
+    factor = torch.where(in_table, table[labels.clamp(0, table.numel() - 1)], torch.ones_like(table[:1]))
     bev = torch.stack(
         (boxes[:, 0], boxes[:, 1], boxes[:, 3] * factor, boxes[:, 4] * factor, boxes[:, 6]), dim=1
     )
-    return nms_rotated_bev(bev, scores, iou_threshold, pre_max_size, post_max_size)
+    return nms_rotated_bev(bev, scores, task.iou_threshold, pre_max_size, post_max_size)
 
 
 def decode_boxes(
-    heatmaps: Sequence[Tensor],
-    reg_preds: Sequence[Mapping[str, Tensor]],
-    tasks: Sequence[Sequence[int]] = TASKS,
-    point_cloud_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0),
-    voxel_size: Sequence[float] = (0.1, 0.1),
-    out_size_factor: int = 8,
-    score_threshold: float = 0.1,
-    post_center_range: Sequence[float] | None = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0),
-    topk: int = 500,
-    nms_type: Sequence[str] = NMS_TYPE,
-    nms_thr: Sequence[float] = NMS_THR,
-    nms_rescale_factor: Sequence[float | Sequence[float]] = NMS_RESCALE_FACTOR,
-    min_radius: Sequence[float] = MIN_RADIUS,
-    pre_max_size: int | None = 1000,
-    post_max_size: int | None = 83,
+    heatmaps: Sequence[Tensor], reg_preds: Sequence[Mapping[str, Tensor]], cfg: DecodeConfig = DecodeConfig()
 ) -> list[Detections]:
     """Final detections per sample: decode every task, Scale-NMS it, concatenate the tasks.
 
     Args:
         heatmaps: per task (B, k_t, Y, X) scores after sigmoid (the proposal head's heatmaps).
         reg_preds: per task the ``CenterHeadReg`` outputs (see ``decode_task``).
-        tasks: class groups (indices into ``CLASSES``); local label ``j`` of task ``t`` becomes ``tasks[t][j]``.
-        point_cloud_range, voxel_size, out_size_factor, score_threshold, post_center_range, topk: see
-            ``decode_task``.
-        nms_type, nms_thr, nms_rescale_factor, min_radius: per task, see ``scale_nms`` (``min_radius`` is the
-            circle threshold on the squared distance).
-        pre_max_size, post_max_size: see ``scale_nms``.
+        cfg: the grid and the per-task settings; ``cfg.tasks[t]`` describes heatmap ``t``.
 
     Returns:
         Per sample ``Detections(boxes (K, 9) float32 [x, y, z, l, w, h, yaw, vx, vy] key frame, gravity centre,
         scores (K,) float32, labels (K,) int64 indices into CLASSES)``, task by task, by descending score within
         a task.
     """
-    check_tasks(tasks)
-    num_tasks = len(tasks)
-    for name, value in (
-        ("heatmaps", heatmaps),
-        ("reg_preds", reg_preds),
-        ("nms_type", nms_type),
-        ("nms_thr", nms_thr),
-        ("nms_rescale_factor", nms_rescale_factor),
-        ("min_radius", min_radius),
-    ):
+    num_tasks = len(cfg.tasks)
+    for name, value in (("heatmaps", heatmaps), ("reg_preds", reg_preds)):
         if len(value) != num_tasks:
-            raise ConfigError(f"{name} has {len(value)} entries for {num_tasks} tasks")
-    for t, group in enumerate(tasks):
-        if heatmaps[t].shape[1] != len(group):
-            raise ValueError(f"heatmaps[{t}] has {heatmaps[t].shape[1]} channels for a task of {len(group)} classes")
-        factor = nms_rescale_factor[t]
-        if not isinstance(factor, (int, float)) and len(factor) != len(group):
-            raise ConfigError(f"nms_rescale_factor[{t}] has {len(factor)} values for a task of {len(group)} classes")
+            raise ValueError(f"{name} has {len(value)} entries for {num_tasks} tasks")
+    for t, task in enumerate(cfg.tasks):
+        if heatmaps[t].shape[1] != len(task.classes):
+            raise ValueError(
+                f"heatmaps[{t}] has {heatmaps[t].shape[1]} channels for a task of {len(task.classes)} classes"
+            )
 
     batch = heatmaps[0].shape[0]
     device = heatmaps[0].device
     per_sample: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(batch)]
-    for t, group in enumerate(tasks):
-        candidates = decode_task(
-            heatmaps[t],
-            reg_preds[t],
-            point_cloud_range,
-            voxel_size,
-            out_size_factor,
-            score_threshold,
-            post_center_range,
-            topk,
-        )
-        to_global = torch.tensor(group, dtype=torch.long, device=device)
-        for i, (boxes, scores, labels) in enumerate(candidates):
-            keep = scale_nms(
-                boxes,
-                scores,
-                labels,
-                nms_type[t],
-                nms_thr[t],
-                nms_rescale_factor[t],
-                min_radius[t],
-                pre_max_size,
-                post_max_size,
-            )
+    for t, task in enumerate(cfg.tasks):
+        to_global = torch.tensor(task.classes, dtype=torch.long, device=device)
+        for i, (boxes, scores, labels) in enumerate(decode_task(heatmaps[t], reg_preds[t], cfg)):
+            keep = scale_nms(boxes, scores, labels, task, cfg.pre_max_size, cfg.post_max_size)
             per_sample[i].append((boxes[keep], scores[keep], to_global[labels[keep]]))
     return [
         Detections(
-            torch.cat([p[0] for p in parts]).reshape(-1, _BOX),
+            torch.cat([p[0] for p in parts]).reshape(-1, BOX_DIM),
             torch.cat([p[1] for p in parts]),
             torch.cat([p[2] for p in parts]),
         )

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from bevnext.errors import ConfigError
-from bevnext.models.backbone import checkpoint_module
+from bevnext.models.blocks import BasicBlock, ConvBNReLU, maybe_checkpoint
 from bevnext.ops import DeformConv2dPack
+from bevnext.structures.cameras import CameraGeometry
 
 __all__ = ["ASPP", "CAMERA_INPUT_DIM", "DepthNet", "camera_aware_input"]
 
@@ -25,14 +26,7 @@ CAMERA_INPUT_DIM = 27
 _CONTEXT_GROUPS = 4
 
 
-def camera_aware_input(
-    intrinsics: Tensor,
-    post_rot: Tensor,
-    post_trans: Tensor,
-    bda: Tensor,
-    cam2key_rot: Tensor,
-    cam2key_trans: Tensor,
-) -> Tensor:
+def camera_aware_input(cams: CameraGeometry) -> Tensor:
     """The 27 numbers that describe one camera to the depth net, in the reference's order.
 
     ``fx, fy, cx, cy`` (intrinsics), ``post_rot[0,0], post_rot[0,1], post_trans[0], post_rot[1,0], post_rot[1,1],
@@ -40,28 +34,17 @@ def camera_aware_input(
     augmentation), then the camera -> key-ego matrix ``[R | t]`` flattened row by row (12 values).
 
     Args:
-        intrinsics: (B, N, 3, 3) camera matrices of the original images.
-        post_rot: (B, N, 3, 3) image augmentation, linear part.
-        post_trans: (B, N, 3) image augmentation, translation.
-        bda: (B, 3, 3) BEV augmentation.
-        cam2key_rot: (B, N, 3, 3) camera -> key-ego rotation (the reference passes the key frame's for every frame).
-        cam2key_trans: (B, N, 3) camera -> key-ego translation.
+        cams: one frame's (B, N) cameras. The reference builds every frame's input from the key frame's
+            extrinsics: pass ``cams.with_extrinsics(key_cams)`` to reproduce that.
 
     Returns:
-        (B, N, 27).
+        (B, N, 27), dtype of ``cams.intrinsics``.
     """
-    B, N = intrinsics.shape[:2]
-    for name, t, shape in (
-        ("intrinsics", intrinsics, (B, N, 3, 3)),
-        ("post_rot", post_rot, (B, N, 3, 3)),
-        ("post_trans", post_trans, (B, N, 3)),
-        ("bda", bda, (B, 3, 3)),
-        ("cam2key_rot", cam2key_rot, (B, N, 3, 3)),
-        ("cam2key_trans", cam2key_trans, (B, N, 3)),
-    ):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    bda = bda.unsqueeze(1).expand(B, N, 3, 3)
+    if cams.num_frames is not None:
+        raise ValueError("camera_aware_input: cams must be one frame's (B, N) cameras; use cams.frame(f)")
+    B, N = cams.batch_size, cams.num_cams
+    intrinsics, post_rot, post_trans = cams.intrinsics, cams.post_rot, cams.post_trans
+    bda = cams.bda.unsqueeze(1).expand(B, N, 3, 3)
     values = [
         intrinsics[..., 0, 0],
         intrinsics[..., 1, 1],
@@ -79,7 +62,7 @@ def camera_aware_input(
         bda[..., 1, 1],
         bda[..., 2, 2],
     ]
-    extrinsics = torch.cat([cam2key_rot, cam2key_trans.unsqueeze(-1)], dim=-1).reshape(B, N, 12)
+    extrinsics = torch.cat([cams.cam2key_rot, cams.cam2key_trans.unsqueeze(-1)], dim=-1).reshape(B, N, 12)
     return torch.cat([torch.stack(values, dim=-1), extrinsics.to(intrinsics.dtype)], dim=-1)
 
 
@@ -107,22 +90,6 @@ class _SELayer(nn.Module):
 
     def forward(self, x: Tensor, gate_input: Tensor) -> Tensor:
         return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(gate_input))))
-
-
-class _ResBlock(nn.Module):
-    """Two 3x3 conv + BN with an identity shortcut (mmseg's ``BasicBlock`` at equal in/out channels)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + x)
 
 
 class _ASPPBranch(nn.Module):
@@ -159,12 +126,7 @@ class ASPP(nn.Module):
         self.aspp2 = _ASPPBranch(in_channels, mid_channels, 3, dilations[0])
         self.aspp3 = _ASPPBranch(in_channels, mid_channels, 3, dilations[1])
         self.aspp4 = _ASPPBranch(in_channels, mid_channels, 3, dilations[2])
-        self.global_avg_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d((1, 1)),
-            nn.Conv2d(in_channels, mid_channels, 1, bias=False),
-            nn.BatchNorm2d(mid_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), *ConvBNReLU(in_channels, mid_channels, 1))
         self.conv1 = nn.Conv2d(5 * mid_channels, mid_channels, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -223,20 +185,16 @@ class DepthNet(nn.Module):
         self.depth_channels = depth_channels
         self.with_cp = with_cp
         # Definition order = state-dict order of the reference.
-        self.reduce_conv = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=True),
-            nn.BatchNorm2d(mid_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.reduce_conv = nn.Sequential(*ConvBNReLU(in_channels, mid_channels, 3, bias=True))
         self.bn = nn.BatchNorm1d(CAMERA_INPUT_DIM)
         self.depth_mlp = _Mlp(CAMERA_INPUT_DIM, mid_channels, mid_channels)
         self.depth_se = _SELayer(mid_channels)
         self.context_mlp = _Mlp(CAMERA_INPUT_DIM, mid_channels, mid_channels)
         self.context_se = _SELayer(mid_channels)
         self.depth_conv = nn.Sequential(
-            _ResBlock(mid_channels),
-            _ResBlock(mid_channels),
-            _ResBlock(mid_channels),
+            BasicBlock(mid_channels, mid_channels),
+            BasicBlock(mid_channels, mid_channels),
+            BasicBlock(mid_channels, mid_channels),
             ASPP(mid_channels, mid_channels),
             nn.Conv2d(mid_channels, depth_channels, 1, bias=True),
         )
@@ -253,25 +211,33 @@ class DepthNet(nn.Module):
             nn.Conv2d(mid_channels, context_channels, 1, bias=True),
         )
 
-    def forward(self, x: Tensor, mlp_input: Tensor) -> tuple[Tensor, Tensor]:
+    def reduce(self, x: Tensor) -> Tensor:
+        """The part that depends on the image alone: (B*N, in_channels, h, w) -> (B*N, mid_channels, h, w).
+
+        Evaluation keeps its output per image and reuses it for the frames that return as history frames.
+        """
+        return self.reduce_conv(x)
+
+    def forward(self, x: Tensor, mlp_input: Tensor, reduced: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Predict depth logits and context.
 
         Args:
-            x: (B*N, in_channels, h, w) image features of every camera.
+            x: (B*N, in_channels, h, w) image features of every camera (unused when ``reduced`` is given).
             mlp_input: (B*N, 27) or (B, N, 27) camera descriptions from :func:`camera_aware_input`, same camera
                 order as ``x``.
+            reduced: ``self.reduce(x)`` when already computed.
 
         Returns:
             ``(depth_logits, context)``: (B*N, D, h, w) un-normalised depth scores and (B*N, C, h, w) features.
         """
+        x = self.reduce(x) if reduced is None else reduced
         mlp_input = mlp_input.reshape(-1, CAMERA_INPUT_DIM)
         if mlp_input.shape[0] != x.shape[0]:
             raise ValueError(f"mlp_input describes {mlp_input.shape[0]} cameras, x has {x.shape[0]}")
         cam = self.bn(mlp_input.to(self.bn.weight.dtype))
-        x = self.reduce_conv(x)
         context = self.context_se(x, self.context_mlp(cam)[..., None, None])
         context = self.context_conv(context)
         depth = self.depth_se(x, self.depth_mlp(cam)[..., None, None])
         for layer in self.depth_conv:
-            depth = checkpoint_module(layer, depth) if self.with_cp and depth.requires_grad else layer(depth)
+            depth = maybe_checkpoint(layer, depth, self.with_cp and depth.requires_grad)
         return depth, context

@@ -5,31 +5,52 @@ images (B, F, N, 3, 256, 704) -> per frame f: ResNet -> CustomFPN (B*N, 512, 32,
 lift-splat (B, C, 128, 128) -> pre_process_net; the key frame (f = 0) with gradients, history frames
 without (model still in train mode, as the reference) -> concatenated (B, C*F, 128, 128) -> BEV encoder ->
 FPN_LSS (B, 256, 128, 128) -> proposal heatmaps; key-frame context + depth embedding -> perspective
-refinement (B, C, 128, 128) -> regression head. All outputs are in the key frame (see ``bevnext.data.batch``).
+refinement (B, C, 128, 128) -> regression head. All outputs are in the key frame (see ``bevnext.structures.batch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from bevnext.config.model import ModelConfig
-from bevnext.data.batch import Batch
 from bevnext.models.backbone import ResNetBackbone
 from bevnext.models.bev_encoder import FPNLSS, BEVResNet
-from bevnext.models.decode import decode_boxes
+from bevnext.models.decode import REFERENCE_TASK_DECODING, DecodeConfig, decode_boxes, post_center_range_for
+from bevnext.models.feature_cache import ImageFeatureCache
 from bevnext.models.heads import CenterHeadProposal, CenterHeadReg
 from bevnext.models.image_neck import CustomFPN
 from bevnext.models.refinement import PerspectiveRefinement, make_depth_embedding
 from bevnext.models.res2fusion import Res2Fusion
 from bevnext.models.targets import TASKS, TargetBuilder
 from bevnext.models.view_transform import LSSViewTransformer
+from bevnext.structures.batch import Batch
 from bevnext.structures.detections import Detections
 
-# The reference's head voxel: 0.1 m cells with an 8x output stride give the 0.8 m BEV cell.
+# The reference describes the head grid as 0.1 m voxels with an 8x output stride (= the 0.8 m BEV cell). Only
+# the target builder keeps that form: it divides by the voxel and then by the stride in float32, in the
+# reference's order, so that its cells and sub-cell offsets match the reference bit for bit. Decoding takes
+# the cell size directly.
 _HEAD_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """The raw outputs of the heads for one batch (before sigmoid and decoding).
+
+    Attributes:
+        proposals: per task ``{"heatmap": (B, k_t, Y, X)}`` logits of the proposal head.
+        regression: per task the box maps of ``CenterHeadReg`` (``reg``, ``height``, ``dim``, ``rot``, ``vel``),
+            each (B, channels, Y, X).
+        depth: (B*N, D, h, w) key-frame depth probabilities (after the CRF).
+    """
+
+    proposals: list[dict[str, Tensor]]
+    regression: list[dict[str, Tensor]]
+    depth: Tensor
 
 
 class BEVNeXt(nn.Module):
@@ -54,7 +75,7 @@ class BEVNeXt(nn.Module):
         depth_emb: nn.Module,
         target_builder: TargetBuilder,
         num_frames: int,
-        decode_kwargs: dict | None = None,
+        decode: DecodeConfig | None = None,
     ) -> None:
         super().__init__()
         self.pts_bbox_head = pts_bbox_head
@@ -69,38 +90,61 @@ class BEVNeXt(nn.Module):
         self.depth_emb = depth_emb
         self.target_builder = target_builder
         self.num_frames = num_frames
-        self.decode_kwargs = dict(decode_kwargs or {})
+        self.decode = decode if decode is not None else DecodeConfig()
 
-    def _frame_bev(self, batch: Batch, f: int) -> tuple[Tensor, Tensor, Tensor]:
+    def image_features(self, images: Tensor) -> Tensor:
+        """The image-only part of a frame: backbone, neck and the depth net's reduction.
+
+        Args:
+            images: (B*N, 3, H, W) normalised camera images.
+
+        Returns:
+            (B*N, depth_mid_channels, H / downsample, W / downsample).
+        """
+        return self.img_view_transformer.depth_net.reduce(self.img_neck(self.img_backbone(images)))
+
+    def _frame_bev(
+        self, batch: Batch, f: int, cache: ImageFeatureCache | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One frame to BEV: (bev (B, C, Y, X), depth_prob (B*N, D, h, w), context (B*N, C, h, w))."""
-        images = batch.images[:, f].flatten(0, 1)  # (B*N, 3, H, W)
-        feat = self.img_neck(self.img_backbone(images))
+        if cache is None:
+            reduced = self.image_features(batch.images[:, f].flatten(0, 1))  # (B*N, mid, h, w)
+        else:
+            tokens = [meta["frame_tokens"][f] for meta in batch.metas]
+            reduced = cache.features(batch.images[:, f], tokens, self.image_features)
         bev, depth, context = self.img_view_transformer(
-            feat,
+            None,
             batch.cameras(f),
             batch.canvas,  # the reference's CRF uses the key frame's colours for every frame
             # The reference builds every frame's camera-aware depth input from the key frame's extrinsics.
             mlp_cams=batch.cameras(0),
+            reduced=reduced,
         )
         bev = self.pre_process_net(bev)[0]
         return bev, depth, context
 
-    def forward_features(self, batch: Batch) -> dict[str, object]:
-        """Everything up to the heads.
+    def forward_features(self, batch: Batch, cache: ImageFeatureCache | None = None) -> HeadOutputs:
+        """Everything up to decoding: the heads' raw outputs (see ``HeadOutputs``).
 
-        Returns:
-            dict with ``proposals`` (per task ``{"heatmap": (B, k, Y, X)}`` logits), ``regression`` (per task
-            box maps, see ``CenterHeadReg``) and ``depth`` (B*N, D, h, w) key-frame depth probabilities.
+        Args:
+            batch: B samples of ``num_frames`` frames.
+            cache: keeps the image-only features of frames between calls (evaluation only: the test pipeline
+                gives a frame the same images every time it returns; see ``ImageFeatureCache``). Every
+                ``meta`` of the batch needs its ``frame_tokens``.
         """
         if batch.num_frames != self.num_frames:
             raise ValueError(f"batch has {batch.num_frames} frames, the model was built for {self.num_frames}")
-        key_bev, key_depth, key_context = self._frame_bev(batch, 0)
+        if cache is not None and self.training:
+            raise ValueError("an ImageFeatureCache is only valid in eval mode (training images are augmented)")
+        key_bev, key_depth, key_context = self._frame_bev(batch, 0, cache)
         bevs = [key_bev]
         # History frames: no gradients, but the model stays in its mode (BN uses batch statistics in
         # training), exactly as the reference's sliding window.
         with torch.no_grad():
             for f in range(1, self.num_frames):
-                bevs.append(self._frame_bev(batch, f)[0])
+                bevs.append(self._frame_bev(batch, f, cache)[0])
+        if cache is not None:
+            cache.keep_only(token for meta in batch.metas for token in meta["frame_tokens"])
         x = self.img_bev_encoder_neck(self.img_bev_encoder_backbone(torch.cat(bevs, dim=1)))
         proposals = self.proposal_head(x)
         bn = key_context.shape[0]
@@ -108,7 +152,7 @@ class BEVNeXt(nn.Module):
         feats_2d = feats_2d.view(batch.batch_size, bn // batch.batch_size, *feats_2d.shape[1:])
         refined = self.transformer_neck(x, feats_2d, batch.cameras(0))
         regression = self.pts_bbox_head(refined)
-        return {"proposals": proposals, "regression": regression, "depth": key_depth}
+        return HeadOutputs(proposals=proposals, regression=regression, depth=key_depth)
 
     def forward(
         self, batch: Batch, reduce_fn: Callable[[Tensor], Tensor] | None = None
@@ -138,18 +182,28 @@ class BEVNeXt(nn.Module):
             raise ValueError("training needs batch.gt_depth (sparse LiDAR depth); got None")
         out = self.forward_features(batch)
         targets = self.target_builder(batch.gt_boxes, batch.gt_labels)
-        losses = {"loss_depth": self.img_view_transformer.depth_loss(batch.gt_depth, out["depth"])}
-        losses.update(self.proposal_head.loss(out["proposals"], targets, reduce_fn=reduce_fn))
-        losses.update(self.pts_bbox_head.loss(out["regression"], targets, reduce_fn=reduce_fn))
+        losses = {"loss_depth": self.img_view_transformer.depth_loss(batch.gt_depth, out.depth)}
+        losses.update(self.proposal_head.loss(out.proposals, targets, reduce_fn=reduce_fn))
+        losses.update(self.pts_bbox_head.loss(out.regression, targets, reduce_fn=reduce_fn))
         return losses
 
     @torch.no_grad()
-    def predict(self, batch: Batch) -> list[Detections]:
-        """Detections per sample in the key frame (BEV augmentation, if any, not undone)."""
-        out = self.forward_features(batch)
-        heatmaps = [p["heatmap"].float().sigmoid() for p in out["proposals"]]
-        regression = [{k: v.float() for k, v in r.items()} for r in out["regression"]]
-        return decode_boxes(heatmaps, regression, **self.decode_kwargs)
+    def predict(self, batch: Batch, cache: ImageFeatureCache | None = None) -> list[Detections]:
+        """Detections per sample in the key frame (BEV augmentation, if any, not undone).
+
+        ``cache`` reuses image features across the samples of a scene (see ``forward_features``).
+        """
+        return self.postprocess(self.forward_features(batch, cache))
+
+    def postprocess(self, out: HeadOutputs) -> list[Detections]:
+        """Head outputs -> detections: sigmoid heatmaps, decode and Scale-NMS with ``self.decode``, in fp32.
+
+        Returns:
+            Per sample ``Detections`` (see ``bevnext.models.decode.decode_boxes``).
+        """
+        heatmaps = [p["heatmap"].float().sigmoid() for p in out.proposals]
+        regression = [{k: v.float() for k, v in r.items()} for r in out.regression]
+        return decode_boxes(heatmaps, regression, self.decode)
 
 
 def build_model(cfg: ModelConfig) -> BEVNeXt:
@@ -226,13 +280,14 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
         depth_emb=make_depth_embedding(depth_bins, c),
         target_builder=targets,
         num_frames=cfg.num_frames,
-        decode_kwargs={
-            "point_cloud_range": cfg.point_cloud_range,
-            "voxel_size": voxel,
-            "out_size_factor": _HEAD_STRIDE,
-            "score_threshold": cfg.score_threshold,
-            "topk": cfg.topk,
-            "pre_max_size": cfg.pre_max_size,
-            "post_max_size": cfg.post_max_size,
-        },
+        decode=DecodeConfig(
+            grid_lower=(lower[0], lower[1]),
+            cell_size=(cfg.bev_cell[0], cfg.bev_cell[1]),
+            tasks=REFERENCE_TASK_DECODING,
+            post_center_range=post_center_range_for(cfg.point_cloud_range),
+            score_threshold=cfg.score_threshold,
+            topk=cfg.topk,
+            pre_max_size=cfg.pre_max_size,
+            post_max_size=cfg.post_max_size,
+        ),
     )

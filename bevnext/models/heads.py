@@ -21,34 +21,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bevnext.errors import ConfigError
+from bevnext.models.blocks import ConvBNReLU, check_config
 from bevnext.models.losses import ReduceFn, clip_sigmoid, gaussian_focal_loss, regression_losses
 from bevnext.models.targets import REG_TARGET_DIM, TASKS, TaskTargets, check_tasks
 
-__all__ = [
-    "REG_BRANCHES",
-    "STAGE1_CODE_WEIGHTS",
-    "STAGE2_CODE_WEIGHTS",
-    "CenterHeadProposal",
-    "CenterHeadReg",
-    "ConvBNReLU",
-    "SeparateHead",
-    "gather_cells",
-]
+__all__ = ["REG_BRANCHES", "CenterHeadProposal", "CenterHeadReg", "SeparateHead", "gather_cells"]
 
 REG_BRANCHES: dict[str, int] = {"reg": 2, "height": 1, "dim": 3, "rot": 2, "vel": 2}
 """Regression branches and their channels, in the order their outputs concatenate into the target layout
 ``[x_frac, y_frac, z, log l, log w, log h, sin, cos, vx, vy]``."""
-
-STAGE1_CODE_WEIGHTS: tuple[float, ...] = (1.0,) * 8 + (0.2, 0.2)
-"""Stage-1 L1 weights: velocity down-weighted (no temporal input)."""
-STAGE2_CODE_WEIGHTS: tuple[float, ...] = (1.0,) * 10
-"""Stage-2 L1 weights."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def _init_conv(conv: nn.Conv2d) -> None:
@@ -58,34 +39,19 @@ def _init_conv(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-class ConvBNReLU(nn.Module):
-    """``kxk`` conv (no bias, 'same' padding) -> BatchNorm -> ReLU; state-dict keys ``conv.*``, ``bn.*``.
+def _head_conv(in_channels: int, out_channels: int, kernel_size: int) -> ConvBNReLU:
+    """Conv (no bias) -> BN -> ReLU with the reference's head init; keys ``conv.*``, ``bn.*``.
 
-    Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        kernel_size: odd kernel size.
+    (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        _check(
-            in_channels >= 1 and out_channels >= 1,
-            f"ConvBNReLU: channels must be >= 1, got {in_channels} -> {out_channels}",
-        )
-        _check(kernel_size >= 1 and kernel_size % 2 == 1, f"ConvBNReLU: kernel_size must be odd, got {kernel_size}")
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        _init_conv(self.conv)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_channels, H, W) -> (B, out_channels, H, W)."""
-        return self.relu(self.bn(self.conv(x)))
+    unit = ConvBNReLU(in_channels, out_channels, kernel_size)
+    # Initialised right after construction, before the next layer is built, so seeded runs draw the same weights.
+    _init_conv(unit.conv)
+    return unit
 
 
 class SeparateHead(nn.Module):
-    """One task's output branches, each ``ConvBNReLU(head_channels) x (num_convs - 1)`` then a conv with bias.
+    """One task's output branches, each conv/BN/ReLU (``head_channels``) x (num_convs - 1), then a conv with bias.
 
     Args:
         in_channels: input channels (the shared conv's output).
@@ -107,19 +73,21 @@ class SeparateHead(nn.Module):
         init_bias: float = -2.19,
     ) -> None:
         super().__init__()
-        _check(len(branches) > 0, "SeparateHead: branches must name at least one output")
-        _check(num_convs >= 1, f"SeparateHead: num_convs must be >= 1, got {num_convs}")
-        _check(head_channels >= 1, f"SeparateHead: head_channels must be >= 1, got {head_channels}")
-        _check(
+        check_config(len(branches) > 0, "SeparateHead: branches must name at least one output")
+        check_config(num_convs >= 1, f"SeparateHead: num_convs must be >= 1, got {num_convs}")
+        check_config(head_channels >= 1, f"SeparateHead: head_channels must be >= 1, got {head_channels}")
+        check_config(
             final_kernel >= 1 and final_kernel % 2 == 1, f"SeparateHead: final_kernel must be odd, got {final_kernel}"
         )
         self.branch_names = tuple(branches)
         for name, out_channels in branches.items():
-            _check(out_channels >= 1, f"SeparateHead: branch {name!r} needs >= 1 output channels, got {out_channels}")
+            check_config(
+                out_channels >= 1, f"SeparateHead: branch {name!r} needs >= 1 output channels, got {out_channels}"
+            )
             layers: list[nn.Module] = []
             prev = in_channels
             for _ in range(num_convs - 1):
-                layers.append(ConvBNReLU(prev, head_channels, final_kernel))
+                layers.append(_head_conv(prev, head_channels, final_kernel))
                 prev = head_channels
             last = nn.Conv2d(prev, out_channels, final_kernel, padding=final_kernel // 2, bias=True)
             _init_conv(last)
@@ -169,9 +137,9 @@ class CenterHeadProposal(nn.Module):
     ) -> None:
         super().__init__()
         check_tasks(tasks)
-        _check(in_channels >= 1, f"CenterHeadProposal: in_channels must be >= 1, got {in_channels}")
+        check_config(in_channels >= 1, f"CenterHeadProposal: in_channels must be >= 1, got {in_channels}")
         self.tasks = tuple(tuple(group) for group in tasks)
-        self.shared_conv = ConvBNReLU(in_channels, head_channels, 3)
+        self.shared_conv = _head_conv(in_channels, head_channels, 3)
         self.task_heads = nn.ModuleList(
             SeparateHead(head_channels, {"heatmap": len(group)}, head_channels, final_kernel, 2, init_bias)
             for group in self.tasks
@@ -222,8 +190,8 @@ class CenterHeadReg(nn.Module):
         head_channels: shared conv and branch width (64).
         branches: branch name -> channels; must be ``REG_BRANCHES`` (the loss relies on this layout).
         final_kernel: branch conv kernel size (3).
-        code_weights: 10 L1 weights of ``[x_frac, y_frac, z, log l, log w, log h, sin, cos, vx, vy]``
-            (``STAGE1_CODE_WEIGHTS`` or ``STAGE2_CODE_WEIGHTS``).
+        code_weights: 10 L1 weights of ``[x_frac, y_frac, z, log l, log w, log h, sin, cos, vx, vy]``, from the
+            model config (``ModelConfig.code_weights``; the reference uses 0.2 for velocity in stage 1, 1 in stage 2).
         loss_weight: overall L1 weight (0.25).
     """
 
@@ -234,25 +202,26 @@ class CenterHeadReg(nn.Module):
         head_channels: int = 64,
         branches: Mapping[str, int] = REG_BRANCHES,
         final_kernel: int = 3,
-        code_weights: Sequence[float] = STAGE2_CODE_WEIGHTS,
+        *,
+        code_weights: Sequence[float],
         loss_weight: float = 0.25,
     ) -> None:
         super().__init__()
         check_tasks(tasks)
-        _check(in_channels >= 1, f"CenterHeadReg: in_channels must be >= 1, got {in_channels}")
-        _check(
+        check_config(in_channels >= 1, f"CenterHeadReg: in_channels must be >= 1, got {in_channels}")
+        check_config(
             list(branches.items()) == list(REG_BRANCHES.items()),
             f"CenterHeadReg: branches must be {REG_BRANCHES} (in this order), got {dict(branches)}",
         )
-        _check(
+        check_config(
             len(code_weights) == REG_TARGET_DIM and all(w >= 0 for w in code_weights),
             f"CenterHeadReg: code_weights must be {REG_TARGET_DIM} non-negative values, got {tuple(code_weights)}",
         )
-        _check(loss_weight >= 0, f"CenterHeadReg: loss_weight must be >= 0, got {loss_weight}")
+        check_config(loss_weight >= 0, f"CenterHeadReg: loss_weight must be >= 0, got {loss_weight}")
         self.tasks = tuple(tuple(group) for group in tasks)
         self.code_weights = tuple(float(w) for w in code_weights)
         self.loss_weight = float(loss_weight)
-        self.shared_conv = ConvBNReLU(in_channels, head_channels, 3)
+        self.shared_conv = _head_conv(in_channels, head_channels, 3)
         self.task_heads = nn.ModuleList(
             SeparateHead(head_channels, branches, head_channels, final_kernel, 2) for _ in self.tasks
         )

@@ -3,7 +3,8 @@
 Every backbone level gets a 1x1 lateral conv; coarser levels are added top-down into finer ones after
 nearest-neighbour resizing; only the finest level is kept and passed through one 3x3 conv. No normalisation and no
 activation anywhere (all convs have a bias), Xavier-uniform init. State-dict names follow the reference
-(``lateral_convs.{i}.conv.*``, ``fpn_convs.0.conv.*``): each conv sits in a one-conv wrapper named ``conv``.
+(``lateral_convs.{i}.conv.*``, ``fpn_convs.0.conv.*``): each conv is a ``ConvBNReLU`` with BN and ReLU left out,
+which holds it under the name ``conv``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevnext.errors import ConfigError
+from bevnext.models.blocks import ConvBNReLU
 
 __all__ = ["CustomFPN"]
 
 
-class _ConvUnit(nn.Module):
-    """A conv held under the attribute ``conv`` (keeps the reference's ``...{i}.conv.weight`` key names)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+def _plain_conv(in_channels: int, out_channels: int, kernel_size: int) -> ConvBNReLU:
+    """A 'same'-padded conv with bias and nothing after it, under the name ``conv`` (the reference's keys)."""
+    return ConvBNReLU(in_channels, out_channels, kernel_size, bias=True, bn=False, relu=False)
 
 
 class CustomFPN(nn.Module):
@@ -46,8 +42,8 @@ class CustomFPN(nn.Module):
             raise ConfigError(f"out_channels must be positive, got {out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.lateral_convs = nn.ModuleList(_ConvUnit(c, out_channels, 1) for c in in_channels)
-        self.fpn_convs = nn.ModuleList([_ConvUnit(out_channels, out_channels, 3)])
+        self.lateral_convs = nn.ModuleList(_plain_conv(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList([_plain_conv(out_channels, out_channels, 3)])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

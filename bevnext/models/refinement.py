@@ -18,15 +18,15 @@ invisible pair contributes zero in the reference, so the result is the same (see
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
+from bevnext.models.blocks import ConvBNReLU
 from bevnext.ops import multi_scale_deformable_attn
+from bevnext.structures.cameras import CameraGeometry, inverse_3x3
 
 __all__ = [
     "FFN",
@@ -64,12 +64,7 @@ def make_depth_embedding(depth_bins: int, channels: int) -> nn.Sequential:
         raise ConfigError(f"depth_bins must be >= 1, got {depth_bins}")
     if channels < 1:
         raise ConfigError(f"channels must be >= 1, got {channels}")
-    return nn.Sequential(
-        nn.Conv2d(depth_bins, depth_bins, kernel_size=1, bias=True),
-        nn.BatchNorm2d(depth_bins),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(depth_bins, channels, kernel_size=1, bias=True),
-    )
+    return nn.Sequential(*ConvBNReLU(depth_bins, depth_bins, 1, bias=True), nn.Conv2d(depth_bins, channels, 1))
 
 
 def _num_steps(lower: float, upper: float, step: float, name: str) -> int:
@@ -116,14 +111,7 @@ def _matvec(mat: Tensor, vec: Tensor) -> Tensor:
 
 
 def project_reference_points(
-    points: Tensor,
-    cam2key_rot: Tensor,
-    cam2key_trans: Tensor,
-    intrinsics: Tensor,
-    post_rot: Tensor,
-    post_trans: Tensor,
-    bda: Tensor,
-    image_size: tuple[int, int],
+    points: Tensor, cams: CameraGeometry, image_size: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
     """Project BEV-augmented key-frame points into every (augmented) camera image, as the reference does.
 
@@ -134,33 +122,33 @@ def project_reference_points(
 
     Args:
         points: (..., 3) ``(x, y, z)`` in the BEV-augmented key ego frame (no batch dimension).
-        cam2key_rot: (B, N, 3, 3) camera -> key-ego rotation R.
-        cam2key_trans: (B, N, 3) camera -> key-ego translation t (metres).
-        intrinsics: (B, N, 3, 3) camera matrices K of the original images.
-        post_rot: (B, N, 3, 3) image augmentation, linear part (original -> augmented pixels).
-        post_trans: (B, N, 3) image augmentation, translation part.
-        bda: (B, 3, 3) BEV augmentation.
+        cams: one frame's (B, N) cameras.
         image_size: (H, W) of the augmented input image in pixels.
 
     Returns:
         ``uv`` (B, N, ..., 2) normalised ``(u / W, v / H)`` and ``valid`` (B, N, ...) bool.
     """
-    batch, num_cams = cam2key_trans.shape[:2]
+    if cams.num_frames is not None:
+        raise ValueError("project_reference_points: cams must be one frame's (B, N) cameras; use cams.frame(f)")
+    # fp32 even under autocast: a bf16 camera matrix would move the projections by pixels.
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        return _project(points, cams.to(torch.float32), image_size)
+
+
+def _project(points: Tensor, c: CameraGeometry, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``project_reference_points`` with fp32 cameras ``c``, autocast off."""
+    batch, num_cams = c.batch_size, c.num_cams
     point_dims = points.shape[:-1]
-    f32 = dict(dtype=torch.float32)
-    # inv_ex: no host synchronisation for an error check (a singular matrix cannot occur here).
-    bda_inv = torch.linalg.inv_ex(bda.to(**f32))[0]
-    k_inv = torch.linalg.inv_ex(intrinsics.to(**f32))[0]
-    world_to_pixel = torch.linalg.inv_ex(cam2key_rot.to(**f32) @ k_inv)[0]  # (B, N, 3, 3)
+    world_to_pixel = inverse_3x3(c.cam2key_rot @ inverse_3x3(c.intrinsics))  # (B, N, 3, 3)
     extra = (1,) * len(point_dims)
-    pts = points.to(**f32).reshape(1, 1, *point_dims, 3)
-    pts = _matvec(bda_inv.view(batch, 1, *extra, 3, 3), pts)  # (B, 1, ..., 3)
-    pts = pts - cam2key_trans.to(**f32).view(batch, num_cams, *extra, 3)
+    pts = points.to(torch.float32).reshape(1, 1, *point_dims, 3)
+    pts = _matvec(inverse_3x3(c.bda).view(batch, 1, *extra, 3, 3), pts)  # (B, 1, ..., 3)
+    pts = pts - c.cam2key_trans.view(batch, num_cams, *extra, 3)
     cam = _matvec(world_to_pixel.view(batch, num_cams, *extra, 3, 3), pts)  # (d*u, d*v, d)
     depth = cam[..., 2:3]
     cam = torch.cat((cam[..., :2] / depth.clamp(min=_EPS), depth), dim=-1)
-    cam = _matvec(post_rot.to(**f32).view(batch, num_cams, *extra, 3, 3), cam)
-    cam = cam + post_trans.to(**f32).view(batch, num_cams, *extra, 3)
+    cam = _matvec(c.post_rot.view(batch, num_cams, *extra, 3, 3), cam)
+    cam = cam + c.post_trans.view(batch, num_cams, *extra, 3)
     height, width = image_size
     uv = cam[..., :2] / cam.new_tensor([float(width), float(height)])
     valid = (cam[..., 2] > _EPS) & (uv > _EPS).all(-1) & (uv < 1.0 - _EPS).all(-1)
@@ -322,8 +310,8 @@ class SpatialCrossAttention(nn.Module):
     the cost of computing the masked pairs too (about N / (average cameras per query) times the work).
     (The sampling op itself reads its level shapes on the host once per call, as every implementation does.)
 
-    Memory with the pure-PyTorch sampling path (the mx_driving kernel needs a head dim that is a multiple
-    of 8, so 10 / 20 use it too), measured on CPU at the stage-2 shape (B=1, N=6, Q=16384, C=160, 8 heads,
+    Memory with the pure-PyTorch sampling path (the CPU and CUDA path; on NPU the mx_driving kernel),
+    measured on CPU at the stage-2 shape (B=1, N=6, Q=16384, C=160, 8 heads,
     8 points, one 32x88 level): the per-point samples alone are B*N*Q*C*P*4 bytes = 0.5 GB; the peak of one
     forward is about 1.7 GB, 1.8 GB with backward. ``query_chunk=4096`` lowers it to about 0.5 GB (no grad)
     / 1.1 GB (forward + backward) for 15-20 % more time on CPU. Memory scales linearly with B.
@@ -566,13 +554,7 @@ class PerspectiveRefinement(nn.Module):
         num_y, num_x = self.bev_shape
         self.bev_embedding = nn.Embedding(num_y * num_x, embed_dims)
         self.positional_encoding = LearnedPositionalEncoding(embed_dims // 2, num_y, num_x)
-        self.shared_conv = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_channels, embed_dims, kernel_size=3, padding=1, bias=False),
-                bn=nn.BatchNorm2d(embed_dims),
-                relu=nn.ReLU(inplace=True),
-            )
-        )
+        self.shared_conv = ConvBNReLU(in_channels, embed_dims, 3)
         self.init_weights()
 
     @torch.no_grad()
@@ -592,10 +574,10 @@ class PerspectiveRefinement(nn.Module):
             ``uv`` (B, N, Q, Z, 2) normalised image coordinates and ``valid`` (B, N, Q, Z) bool, Q = Y * X.
         """
         centres = pillar_centres(
-            self.bev_shape, self.grid_lower, self.grid_interval, self.heights, device=cams.cam2key_rot.device
+            self.bev_shape, self.grid_lower, self.grid_interval, self.heights, device=cams.device
         )
         centres = centres.flatten(0, 1)  # (Q, Z, 3), row-major cells
-        return project_reference_points(centres, *cams.tensors(), self.image_size)
+        return project_reference_points(centres, cams, self.image_size)
 
     def forward(
         self,

@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from bevnext.errors import ConfigError
+from bevnext.models.blocks import check_config, maybe_checkpoint
 
 __all__ = ["Bottle2neck", "FusionLayer", "Res2Fusion", "Res2Layer"]
 
@@ -31,21 +30,16 @@ __all__ = ["Bottle2neck", "FusionLayer", "Res2Fusion", "Res2Layer"]
 _BASE_CHANNELS = 64
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def _res2_width(name: str, out_channels: int, expansion: int, base_width: int) -> int:
     """Channels of one Res2Net scale: ``floor((out_channels / expansion) * base_width / 64)``."""
-    _check(expansion >= 1, f"{name}: expansion must be >= 1, got {expansion}")
-    _check(base_width >= 1, f"{name}: base_width must be >= 1, got {base_width}")
-    _check(
+    check_config(expansion >= 1, f"{name}: expansion must be >= 1, got {expansion}")
+    check_config(base_width >= 1, f"{name}: base_width must be >= 1, got {base_width}")
+    check_config(
         out_channels % expansion == 0,
         f"{name}: out_channels ({out_channels}) must be divisible by expansion ({expansion})",
     )
     width = (out_channels // expansion) * base_width // _BASE_CHANNELS
-    _check(
+    check_config(
         width >= 1,
         f"{name}: per-scale width floor({out_channels}/{expansion}*{base_width}/64) is 0; "
         "raise out_channels or base_width",
@@ -82,15 +76,15 @@ class FusionLayer(nn.Module):
         expansion: int = 2,
     ) -> None:
         super().__init__()
-        _check(num_frames >= 1, f"FusionLayer: num_frames must be >= 1, got {num_frames}")
-        _check(in_channels >= 1, f"FusionLayer: in_channels must be >= 1, got {in_channels}")
-        _check(out_channels >= 1, f"FusionLayer: out_channels must be >= 1, got {out_channels}")
-        _check(scales >= 2, f"FusionLayer: scales must be >= 2 (one group per scale), got {scales}")
-        _check(
+        check_config(num_frames >= 1, f"FusionLayer: num_frames must be >= 1, got {num_frames}")
+        check_config(in_channels >= 1, f"FusionLayer: in_channels must be >= 1, got {in_channels}")
+        check_config(out_channels >= 1, f"FusionLayer: out_channels must be >= 1, got {out_channels}")
+        check_config(scales >= 2, f"FusionLayer: scales must be >= 2 (one group per scale), got {scales}")
+        check_config(
             in_channels % num_frames == 0,
             f"FusionLayer: in_channels ({in_channels}) must be divisible by num_frames ({num_frames})",
         )
-        _check(
+        check_config(
             num_frames % scales == 0,
             f"FusionLayer: num_frames ({num_frames}) must be divisible by scales ({scales}) so every group "
             "holds whole frames",
@@ -166,9 +160,9 @@ class Bottle2neck(nn.Module):
         downsample: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        _check(scales >= 2, f"Bottle2neck: scales must be >= 2 (scales = 1 is a plain ResNet), got {scales}")
-        _check(stride >= 1, f"Bottle2neck: stride must be >= 1, got {stride}")
-        _check(
+        check_config(scales >= 2, f"Bottle2neck: scales must be >= 2 (scales = 1 is a plain ResNet), got {scales}")
+        check_config(stride >= 1, f"Bottle2neck: stride must be >= 1, got {stride}")
+        check_config(
             stage_block or stride == 1,
             "Bottle2neck: only a stage block may be strided (the hierarchical add needs equal sizes)",
         )
@@ -240,7 +234,7 @@ class Res2Layer(nn.Sequential):
         expansion: int = 4,
         stride: int = 1,
     ) -> None:
-        _check(num_blocks >= 1, f"Res2Layer: num_blocks must be >= 1, got {num_blocks}")
+        check_config(num_blocks >= 1, f"Res2Layer: num_blocks must be >= 1, got {num_blocks}")
         downsample = None
         if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(
@@ -274,7 +268,8 @@ class Res2Fusion(nn.Module):
         fusion_base_width: Res2Net base width of the fusion layer.
         fusion_expansion: expansion of the fusion layer.
         with_cp: activation checkpointing of the fusion layer and of each stage while gradients are enabled
-            (saves memory, costs one extra forward; numerically identical).
+            (saves memory, costs one extra forward). Outputs, gradients and BatchNorm running statistics are
+            those of the plain forward (see ``bevnext.models.blocks.maybe_checkpoint``).
     """
 
     def __init__(
@@ -293,8 +288,8 @@ class Res2Fusion(nn.Module):
         with_cp: bool = False,
     ) -> None:
         super().__init__()
-        _check(in_channels >= 1, f"Res2Fusion: in_channels must be >= 1, got {in_channels}")
-        _check(num_frames >= 1, f"Res2Fusion: num_frames must be >= 1, got {num_frames}")
+        check_config(in_channels >= 1, f"Res2Fusion: in_channels must be >= 1, got {in_channels}")
+        check_config(num_frames >= 1, f"Res2Fusion: num_frames must be >= 1, got {num_frames}")
         per_stage = {
             "channels": channels,
             "scales": scales,
@@ -303,14 +298,14 @@ class Res2Fusion(nn.Module):
             "expansion": expansion,
             "strides": strides,
         }
-        _check(len(channels) >= 1, "Res2Fusion: channels must name at least one stage")
+        check_config(len(channels) >= 1, "Res2Fusion: channels must name at least one stage")
         for name, values in per_stage.items():
-            _check(
+            check_config(
                 len(values) == len(channels),
                 f"Res2Fusion: {name} has {len(values)} entries but channels has {len(channels)}",
             )
         for i, stride in enumerate(strides):
-            _check(stride >= 1, f"Res2Fusion: strides[{i}] must be >= 1, got {stride}")
+            check_config(stride >= 1, f"Res2Fusion: strides[{i}] must be >= 1, got {stride}")
         self.in_channels = in_channels
         self.num_frames = num_frames
         self.with_cp = with_cp
@@ -328,11 +323,6 @@ class Res2Fusion(nn.Module):
             in_channels * num_frames, in_channels, num_frames, fusion_scales, fusion_base_width, fusion_expansion
         )
 
-    def _run(self, module: nn.Module, x: Tensor) -> Tensor:
-        if self.with_cp and torch.is_grad_enabled():
-            return checkpoint(module, x, use_reentrant=False)
-        return module(x)
-
     def forward(self, x: Tensor) -> list[Tensor]:
         """Fuse the frames and run the Res2Net stages.
 
@@ -343,9 +333,10 @@ class Res2Fusion(nn.Module):
             One map per stage: (B, channels[i], H / prod(strides[:i+1]), W / …); for the reference at 128²:
             (B, 320, 64, 64), (B, 640, 32, 32), (B, 1280, 16, 16).
         """
-        x = self._run(self.fusion_layer, x)
+        use_cp = self.with_cp and torch.is_grad_enabled()
+        x = maybe_checkpoint(self.fusion_layer, x, use_cp)
         feats = []
         for stage in self.layers:
-            x = self._run(stage, x)
+            x = maybe_checkpoint(stage, x, use_cp)
             feats.append(x)
         return feats

@@ -80,11 +80,6 @@ class TaskTargets:
     index: Tensor
     mask: Tensor
 
-    @property
-    def num_objects(self) -> Tensor:
-        """0-d float32 count of filled slots over the batch."""
-        return self.mask.sum().to(torch.float32)
-
 
 class TargetBuilder:
     """Builds ``TaskTargets`` for every task from ground-truth boxes, vectorised over objects.
@@ -265,10 +260,6 @@ class TargetBuilder:
                 mask[:num] = valid
             out.append((heatmap, reg_target, index, mask))
         return out
-
-    def cell_size(self) -> tuple[float, float]:
-        """(x, y) size of one target cell in metres (``voxel_size * out_size_factor``)."""
-        return self.voxel_size[0] * self.out_size_factor, self.voxel_size[1] * self.out_size_factor
 
     def __repr__(self) -> str:
         return (

@@ -6,33 +6,27 @@ lifted into the BEV-augmented key-ego frame and splatted into its BEV voxel with
 (``bevnext.ops.bev_pool``). Temporal alignment happens here, not by warping BEV maps: an earlier frame's cameras
 come with their camera -> key-ego transforms, so its frustum lands directly where it belongs in the key frame.
 
-Frames (see ``bevnext.data.batch``): cameras are optical (x right, y down, z forward), image coordinates are pixels
-``(u, v)`` of the augmented input image, 3D points are in the key ego frame (x forward, y left, z up) after the BEV
-augmentation ``bda``.
+Frames (see ``bevnext.structures.cameras``): cameras are optical (x right, y down, z forward), image coordinates are
+pixels ``(u, v)`` of the augmented input image, 3D points are in the key ego frame (x forward, y left, z up) after the
+BEV augmentation ``bda``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bevnext.data.batch import CameraGeometry
+from bevnext.config.model import num_depth_bins
 from bevnext.errors import ConfigError
 from bevnext.models.crf import MeanFieldCRF
 from bevnext.models.depth_net import DepthNet, camera_aware_input
 from bevnext.ops.bev_pool import bev_pool, voxelize_points
+from bevnext.structures.cameras import CameraGeometry, inverse_3x3
 
-__all__ = ["LSSViewTransformer", "grid_from_bounds", "lift_frustum", "make_frustum", "num_depth_bins"]
-
-
-def num_depth_bins(depth_range: Sequence[float]) -> int:
-    """Number of depth bins ``d = start, start + step, ... < stop`` (118 for (1.0, 60.0, 0.5))."""
-    start, stop, step = (float(v) for v in depth_range)
-    return max(0, math.ceil((stop - start) / step - 1e-9)) if step > 0 else 0
+__all__ = ["LSSViewTransformer", "lift_frustum", "make_frustum"]
 
 
 def make_frustum(
@@ -72,104 +66,42 @@ def make_frustum(
     return frustum.to(dtype=dtype, device=device)
 
 
-def _inverse_3x3(m: Tensor) -> Tensor:
-    """Inverse of (..., 3, 3) matrices by the adjugate (elementwise ops only: runs on every backend)."""
-    a, b, c = m[..., 0, :], m[..., 1, :], m[..., 2, :]
-
-    def cross(x: Tensor, y: Tensor) -> Tensor:
-        return torch.stack(
-            (
-                x[..., 1] * y[..., 2] - x[..., 2] * y[..., 1],
-                x[..., 2] * y[..., 0] - x[..., 0] * y[..., 2],
-                x[..., 0] * y[..., 1] - x[..., 1] * y[..., 0],
-            ),
-            dim=-1,
-        )
-
-    # Columns b x c, c x a, a x b: m @ cols = det * I.
-    cols = torch.stack((cross(b, c), cross(c, a), cross(a, b)), dim=-1)
-    det = (a * cols[..., 0]).sum(dim=-1)
-    return cols / det[..., None, None]
-
-
-def lift_frustum(
-    frustum: Tensor,
-    cam2key_rot: Tensor,
-    cam2key_trans: Tensor,
-    intrinsics: Tensor,
-    post_rot: Tensor,
-    post_trans: Tensor,
-    bda: Tensor,
-) -> Tensor:
+def lift_frustum(frustum: Tensor, cams: CameraGeometry) -> Tensor:
     """Frustum points of every camera in the BEV-augmented key-ego frame.
 
     For ``(u, v, d)``: undo the image augmentation ``(u', v', d') = post_rot^-1 @ ((u, v, d) - post_trans)``, form the
     camera point ``K^-1 @ (u' d', v' d', d')``, move it to the key ego frame ``R @ . + t`` and apply ``bda``. With
-    ``post_rot``'s third row/column the identity and ``post_trans[2] = 0`` (``bevnext.data.batch``) this is
+    ``post_rot``'s third row/column the identity and ``post_trans[2] = 0`` (``bevnext.structures.cameras``) this is
     ``bda @ (R @ K^-1 @ (d * post_rot^-1 @ ([u, v, 1] - post_trans)) + t)``.
 
     Args:
         frustum: (D, h, w, 3) from :func:`make_frustum`.
-        cam2key_rot: (B, N, 3, 3) camera -> key-ego rotation R.
-        cam2key_trans: (B, N, 3) camera -> key-ego translation t (metres).
-        intrinsics: (B, N, 3, 3) camera matrices K of the un-augmented images.
-        post_rot: (B, N, 3, 3) image augmentation, linear part.
-        post_trans: (B, N, 3) image augmentation, translation.
-        bda: (B, 3, 3) BEV augmentation.
+        cams: one frame's (B, N) cameras.
 
     Returns:
         (B, N, D, h, w, 3) points (x, y, z) in metres, dtype of ``frustum``.
     """
-    B, N = cam2key_rot.shape[:2]
-    for name, t, shape in (
-        ("cam2key_rot", cam2key_rot, (B, N, 3, 3)),
-        ("cam2key_trans", cam2key_trans, (B, N, 3)),
-        ("intrinsics", intrinsics, (B, N, 3, 3)),
-        ("post_rot", post_rot, (B, N, 3, 3)),
-        ("post_trans", post_trans, (B, N, 3)),
-        ("bda", bda, (B, 3, 3)),
-    ):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if cams.num_frames is not None:
+        raise ValueError("lift_frustum: cams must be one frame's (B, N) cameras; use cams.frame(f)")
     if frustum.dim() != 4 or frustum.shape[-1] != 3:
         raise ValueError(f"frustum must have shape (D, h, w, 3), got {tuple(frustum.shape)}")
-    dtype = frustum.dtype
-    cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda = (
-        t.to(dtype) for t in (cam2key_rot, cam2key_trans, intrinsics, post_rot, post_trans, bda)
-    )
+    # In the frustum's dtype even under autocast: bf16 matrices would move the points by decimetres.
+    with torch.autocast(device_type=frustum.device.type, enabled=False):
+        return _lift(frustum, cams.to(frustum.dtype))
+
+
+def _lift(frustum: Tensor, c: CameraGeometry) -> Tensor:
+    """``lift_frustum`` with cameras ``c`` in the frustum's dtype, autocast off."""
+    B, N = c.batch_size, c.num_cams
     # Undo the image augmentation.
-    points = frustum.unsqueeze(0).unsqueeze(0) - post_trans.view(B, N, 1, 1, 1, 3)
-    points = torch.einsum("bnij,bndhwj->bndhwi", _inverse_3x3(post_rot), points)
+    points = frustum.unsqueeze(0).unsqueeze(0) - c.post_trans.view(B, N, 1, 1, 1, 3)
+    points = torch.einsum("bnij,bndhwj->bndhwi", inverse_3x3(c.post_rot), points)
     # Pixel + depth -> camera ray scaled by depth, then one combined matrix camera -> augmented key ego.
     points = torch.cat((points[..., :2] * points[..., 2:3], points[..., 2:3]), dim=-1)
-    bda = bda.unsqueeze(1)  # (B, 1, 3, 3), shared by the cameras
-    combined = bda @ cam2key_rot @ _inverse_3x3(intrinsics)
-    offset = (bda @ cam2key_trans.unsqueeze(-1)).squeeze(-1)
+    bda = c.bda.unsqueeze(1)  # (B, 1, 3, 3), shared by the cameras
+    combined = bda @ c.cam2key_rot @ inverse_3x3(c.intrinsics)
+    offset = (bda @ c.cam2key_trans.unsqueeze(-1)).squeeze(-1)
     return torch.einsum("bnij,bndhwj->bndhwi", combined, points) + offset.view(B, N, 1, 1, 1, 3)
-
-
-def grid_from_bounds(
-    grid_x: Sequence[float], grid_y: Sequence[float], grid_z: Sequence[float]
-) -> tuple[tuple[float, float, float], tuple[float, float, float], tuple[int, int, int]]:
-    """``(lower, interval, size)`` of a BEV grid given as ``[lower, upper, interval]`` per axis (reference style).
-
-    Raises:
-        ConfigError: an axis whose ``(upper - lower) / interval`` is not a positive integer (naming ``grid_x/y/z``).
-    """
-    lower, interval, size = [], [], []
-    for name, bound in (("grid_x", grid_x), ("grid_y", grid_y), ("grid_z", grid_z)):
-        if len(bound) != 3:
-            raise ConfigError(f"{name} must be [lower, upper, interval], got {list(bound)}")
-        lo, hi, step = (float(v) for v in bound)
-        cells = (hi - lo) / step if step > 0 else float("nan")
-        if not (cells >= 1 and abs(cells - round(cells)) < 1e-6 * max(1.0, cells)):
-            raise ConfigError(
-                f"{name} = {list(bound)}: (upper - lower) / interval = {cells} must be a positive integer"
-            )
-        lower.append(lo)
-        interval.append(step)
-        size.append(round(cells))
-    return tuple(lower), tuple(interval), tuple(size)  # type: ignore[return-value]
 
 
 class LSSViewTransformer(nn.Module):
@@ -263,10 +195,11 @@ class LSSViewTransformer(nn.Module):
 
     def forward(
         self,
-        feat: Tensor,
+        feat: Tensor | None,
         cams: CameraGeometry,
         canvas: Tensor,
         mlp_cams: CameraGeometry | None = None,
+        reduced: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One frame of B samples x N cameras to BEV.
 
@@ -280,22 +213,25 @@ class LSSViewTransformer(nn.Module):
                 depth net's camera-aware input (intrinsics and augmentations always come from ``cams``); None =
                 ``cams``. The reference builds that input from the KEY frame's extrinsics for every frame (pass the
                 key frame's cameras here for earlier frames to reproduce it).
+            reduced: ``self.depth_net.reduce(feat)`` when already computed (``feat`` may then be None): the
+                image-only part of the depth net, which evaluation reuses across the frames of a scene.
 
         Returns:
             ``(bev, depth_prob, context)``: (B, C*Z, Y, X) BEV features (channel ``z * C + c``; row y, column x of
             the grid), (B*N, D, h, w) CRF depth probabilities, (B*N, C, h, w) context features.
         """
-        B, N = cams.intrinsics.shape[:2]
+        B, N = cams.batch_size, cams.num_cams
         h, w = self.feature_size
-        if tuple(feat.shape) != (B * N, self.in_channels, h, w):
-            raise ValueError(f"feat must have shape {(B * N, self.in_channels, h, w)}, got {tuple(feat.shape)}")
+        if reduced is None and (feat is None or tuple(feat.shape) != (B * N, self.in_channels, h, w)):
+            got = None if feat is None else tuple(feat.shape)
+            raise ValueError(f"feat must have shape {(B * N, self.in_channels, h, w)}, got {got}")
+        if reduced is not None and (reduced.shape[0], *reduced.shape[2:]) != (B * N, h, w):
+            raise ValueError(f"reduced must have shape (B*N, C, h, w) with B*N={B * N}, h, w={h, w}, "
+                             f"got {tuple(reduced.shape)}")
         if tuple(canvas.shape) != (B, N, *self.input_size, 3):
             raise ValueError(f"canvas must have shape {(B, N, *self.input_size, 3)}, got {tuple(canvas.shape)}")
-        extrinsics = cams if mlp_cams is None else mlp_cams
-        mlp_input = camera_aware_input(
-            cams.intrinsics, cams.post_rot, cams.post_trans, cams.bda, extrinsics.cam2key_rot, extrinsics.cam2key_trans
-        )
-        depth_logits, context = self.depth_net(feat, mlp_input.reshape(B * N, -1))
+        mlp_input = camera_aware_input(cams if mlp_cams is None else cams.with_extrinsics(mlp_cams))
+        depth_logits, context = self.depth_net(feat, mlp_input.reshape(B * N, -1), reduced=reduced)
         depth_prob = self.crf(depth_logits, canvas.reshape(B * N, *self.input_size, 3))
         bev = self.splat(depth_prob, context, cams)
         return bev, depth_prob, context
@@ -303,7 +239,7 @@ class LSSViewTransformer(nn.Module):
     def lift(self, cams: CameraGeometry) -> Tensor:
         """(B, N, D, h, w, 3) frustum points of ``cams`` in the BEV-augmented key-ego frame (:func:`lift_frustum`)."""
         dtype = torch.promote_types(cams.intrinsics.dtype, torch.float32)
-        return lift_frustum(self.frustum.to(dtype), *cams.tensors())
+        return lift_frustum(self.frustum.to(dtype), cams)
 
     def splat(self, depth_prob: Tensor, context: Tensor, cams: CameraGeometry) -> Tensor:
         """Lift every frustum point and sum ``depth_prob x context`` into its BEV voxel.
@@ -316,7 +252,7 @@ class LSSViewTransformer(nn.Module):
         Returns:
             (B, C*Z, Y, X), channel ``z * C + c``. Differentiable w.r.t. ``depth_prob`` and ``context``.
         """
-        B, N = cams.intrinsics.shape[:2]
+        B, N = cams.batch_size, cams.num_cams
         D, (h, w) = self.D, self.feature_size
         C = context.shape[1]
         if tuple(depth_prob.shape) != (B * N, D, h, w) or tuple(context.shape) != (B * N, C, h, w):

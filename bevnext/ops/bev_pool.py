@@ -7,8 +7,11 @@ Two public functions:
 * :func:`bev_pool` sums ``depth[point] * feat[pixel of point, :]`` into the voxel of each kept point.
 
 Dispatch (DESIGN principle 3): NPU tensors use ``mx_driving.bev_pool_v3`` when it is importable and its
-documented constraints hold; everything else (CPU, CUDA, NPU without a usable fast path, or
-``BEVNEXT_OPS=reference``) runs the pure-PyTorch reference below.
+constraints hold; everything else (CPU, CUDA, NPU without a usable fast path, empty rank vectors, or
+``BEVNEXT_OPS=reference``) runs the pure-PyTorch reference below. The call into ``bev_pool_v3`` follows its
+Python wrapper (mx-driving 26.2.0.post2, ``mx_driving/ops/bev_pool_v3.py``): ``bev_feat_shape`` is
+``[B, Z, Y, X, C]``, depth and feat are fp32 and contiguous, the ranks int32; the wrapper returns
+(B, C, Z, Y, X) and routes both gradients through the kernel's backward.
 
 The reference never holds all ``points x channels`` products at once. A naive splat gathers one feature row
 per point (about 1.5 M points x 160 channels = 1 GB in fp32 for one stage-2 frame) and autograd keeps that
@@ -19,6 +22,7 @@ buffer per chunk, and recomputes the gathers chunk by chunk in the backward; it 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -112,20 +116,28 @@ def voxelize_points(
 
 
 def bev_pool_v3_unsupported_reason(
-    num_channels: int, bev_shape: Sequence[int], dtype: torch.dtype, num_points: int | None = None
+    num_channels: int,
+    bev_shape: Sequence[int],
+    dtype: torch.dtype,
+    num_points: int | None = None,
+    depth_numel: int | None = None,
+    feat_numel: int | None = None,
 ) -> str | None:
-    """Why ``mx_driving.bev_pool_v3`` cannot run this call, or None when its documented constraints hold.
+    """Why ``mx_driving.bev_pool_v3`` cannot run this call, or None when its constraints hold.
 
-    Constraints (mx_driving docs, forward and backward alike): C a multiple of 8 and at most 360, and
-    ``B*Z*Y*X*C <= 2**31``. The kernel computes in fp32; fp16/bf16 inputs are upcast by :func:`bev_pool`,
-    fp64 would silently lose precision, so it is refused. Rank vectors are int32, so the point count must
-    fit int32 too.
+    Documented (mx_driving docs, forward and backward alike): C a multiple of 8 and at most 360, and
+    ``B*Z*Y*X*C <= 2**31``. From the kernel shipped in the wheel: depth, feat and the output are fp32 and the
+    ranks int32 (op-info), and the kernel turns ``ranks_feat`` into element offsets ``ranks_feat * C`` in int32,
+    so every index, and the feat element count, must fit int32. fp16/bf16 inputs are upcast by
+    :func:`bev_pool`; fp64 would silently lose precision, so it is refused.
 
     Args:
         num_channels: C, the feature channels.
         bev_shape: (B, Z, Y, X) of the output grid.
         dtype: the computation dtype of the inputs.
         num_points: P', the length of the rank vectors, when known.
+        depth_numel: B*N*D*H*W, the elements of ``depth`` (the range of ``ranks_depth``), when known.
+        feat_numel: B*N*H*W*C, the elements of ``feat``, when known.
     """
     C = int(num_channels)
     if C % 8 != 0:
@@ -141,6 +153,10 @@ def bev_pool_v3_unsupported_reason(
         return f"dtype {dtype} is not supported (fp32 kernel)"
     if num_points is not None and num_points > _INT32_MAX:
         return f"{num_points} points exceed int32 ranks"
+    if depth_numel is not None and depth_numel - 1 > _INT32_MAX:
+        return f"depth has {depth_numel} elements: ranks_depth would overflow int32"
+    if feat_numel is not None and feat_numel > 2**31:
+        return f"feat has {feat_numel} elements: the kernel's int32 offsets ranks_feat * C would overflow"
     return None
 
 
@@ -181,15 +197,38 @@ def bev_pool(
     B, Z, Y, X = (int(s) for s in bev_shape)
     C = feat.shape[-1]
     out_dtype = torch.promote_types(depth.dtype, feat.dtype)
-    acc_dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
 
-    mx = fast_module(_OP, depth.device.type)
+    # No kernel launch for empty rank vectors (nothing falls in the grid): the reference returns the zeros
+    # without a device kernel whose work split is sized by the rank count.
+    mx = fast_module(_OP, depth.device.type) if ranks_bev.numel() > 0 else None
     if mx is not None:
-        reason = bev_pool_v3_unsupported_reason(C, bev_shape, out_dtype, ranks_bev.numel())
+        reason = bev_pool_v3_unsupported_reason(
+            C, bev_shape, out_dtype, ranks_bev.numel(), depth_numel=depth.numel(), feat_numel=feat.numel()
+        )
         if reason is None:
             return _bev_pool_mx(mx, depth, feat, ranks_depth, ranks_feat, ranks_bev, (B, Z, Y, X)).to(out_dtype)
         warn_once(_OP, f"mx_driving.bev_pool_v3 cannot run ({reason}); using the PyTorch reference")
+    return _bev_pool_reference(depth, feat, ranks_depth, ranks_feat, ranks_bev, (B, Z, Y, X), chunk_size)
 
+
+def _bev_pool_reference(
+    depth: Tensor,
+    feat: Tensor,
+    ranks_depth: Tensor,
+    ranks_feat: Tensor,
+    ranks_bev: Tensor,
+    bev_shape: tuple[int, int, int, int],
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The pure-PyTorch splat behind :func:`bev_pool` (same arguments, inputs already validated).
+
+    depth (B, N, D, H, W) and feat (B, N, H, W, C) -> (B, C, Z, Y, X) contiguous in
+    ``promote(depth.dtype, feat.dtype)``; fp16/bf16 accumulate in fp32.
+    """
+    B, Z, Y, X = bev_shape
+    C = feat.shape[-1]
+    out_dtype = torch.promote_types(depth.dtype, feat.dtype)
+    acc_dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(C, 1))
     # Flatten (copies only when the input is non-contiguous: input-sized, never points x channels) and
@@ -232,12 +271,23 @@ def _check_inputs(
 
 
 def _bev_pool_mx(
-    mx, depth: Tensor, feat: Tensor, ranks_depth: Tensor, ranks_feat: Tensor, ranks_bev: Tensor, bev_shape: tuple
+    mx: ModuleType,
+    depth: Tensor,
+    feat: Tensor,
+    ranks_depth: Tensor,
+    ranks_feat: Tensor,
+    ranks_bev: Tensor,
+    bev_shape: tuple[int, int, int, int],
 ) -> Tensor:
-    """``mx_driving.bev_pool_v3`` (BEVDet-v2 style: int32 ranks, no sorting, no intervals) -> (B, C, Z, Y, X)."""
+    """``mx_driving.bev_pool_v3`` (BEVDet-v2 style: int32 ranks, no sorting, no intervals) -> (B, C, Z, Y, X).
+
+    depth (B, N, D, H, W), feat (B, N, H, W, C); the wrapper unpacks ``bev_feat_shape`` as (B, D, H, W, C),
+    which is our (B, Z, Y, X, C), and returns the kernel's channels-last grid permuted to (B, C, Z, Y, X).
+    """
     B, Z, Y, X = bev_shape
     C = feat.shape[-1]
-    # The kernel computes in fp32 on contiguous memory with int32 ranks.
+    # The kernel reads raw fp32 memory (op-info: fp32 only) with int32 ranks; the wrapper passes the tensors
+    # through unchanged, so they are made contiguous fp32 / int32 here (no copies when they already are).
     return mx.bev_pool_v3(
         depth.float().contiguous(),
         feat.float().contiguous(),

@@ -12,10 +12,28 @@ Sampling locations are normalised to the level's map: ``(x, y)`` in [0, 1] with 
 convention of mmcv's ``ms_deform_attn`` kernel and of ``F.grid_sample(align_corners=False)``.
 
 Paths (chosen per call, see ``bevnext.ops._dispatch``): on NPU tensors ``mx_driving``'s kernel when
-its documented constraints hold, otherwise (and on CPU / CUDA) the pure-PyTorch reference.
+its constraints hold, otherwise (and on CPU / CUDA) the pure-PyTorch reference. The kernel uses the same
+location convention (its sampling computes ``loc * (W, H) - 0.5`` and reads zeros outside the map).
+
+What the kernel takes (mx-driving 26.2.0.post2, checked against its Python wrapper
+``mx_driving/ops/multi_scale_deformable_attn.py`` and the kernel files shipped in the wheel):
+
+* fp32 only: the op-info lists float32 for value, locations, weights and output, and the wheel ships no
+  fp16 kernel binary; the wrapper's ``custom_fwd(cast_inputs=torch.float32)`` casts only under autocast.
+  We cast to fp32 ourselves and the result back to ``value``'s dtype.
+* The wrapper hands the tensors to the kernel as they are (it only casts ``spatial_shapes`` and
+  ``level_start_index`` to int32), and the kernel reads raw memory, so we pass contiguous tensors.
+* ``head_dim <= 256`` and ``levels * points <= 64`` (checked by the wrapper's compiled layer);
+  ``heads <= 8`` (documented).
+* Any head dim: the documentation says a multiple of 8, but the kernel has an unaligned variant (the tiling
+  picks it when ``head_dim % 8 != 0``; its binaries ship for Atlas A2 forward and backward, and it copies
+  rows with exact byte lengths). BEVNeXt's 10 / 20 channels per head therefore take the kernel, as in
+  Ascend's own port; ``TORCH_DEVICE=npu python -m pytest tests/ops`` checks it against the reference.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +45,12 @@ __all__ = ["msda_fast_path_unsupported", "multi_scale_deformable_attn"]
 
 _OP = "multi_scale_deformable_attn"
 
-# mx_driving.multi_scale_deformable_attn's documented limits (DrivingSDK, Atlas A2).
+# mx_driving.multi_scale_deformable_attn's limits (Atlas A2; see the module docstring for where each comes from).
 _MX_MAX_LEVELS_X_POINTS = 64
 _MX_MAX_HEADS = 8
 _MX_MAX_HEAD_DIM = 256
-_MX_HEAD_DIM_MULTIPLE = 8
-_MX_DTYPES = (torch.float32, torch.float16)
+# Dtypes we hand to the kernel after casting them to fp32; fp64 would silently lose precision.
+_MX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def msda_fast_path_unsupported(
@@ -40,8 +58,9 @@ def msda_fast_path_unsupported(
 ) -> str | None:
     """Why ``mx_driving.multi_scale_deformable_attn`` cannot take these shapes, or None when it can.
 
-    The kernel requires ``num_levels * num_points <= 64``, ``num_heads <= 8``, ``head_dim <= 256``,
-    ``head_dim % 8 == 0`` and fp32/fp16 inputs.
+    The kernel requires ``num_levels * num_points <= 64``, ``num_heads <= 8`` and ``head_dim <= 256``; it
+    computes in fp32, to which fp16/bf16 inputs are cast (fp64 is refused). Head dims that are not a
+    multiple of 8 are accepted (see the module docstring).
 
     Args:
         num_heads: attention heads.
@@ -59,10 +78,8 @@ def msda_fast_path_unsupported(
         return f"heads = {num_heads} > {_MX_MAX_HEADS}"
     if head_dim > _MX_MAX_HEAD_DIM:
         return f"head dim = {head_dim} > {_MX_MAX_HEAD_DIM}"
-    if head_dim % _MX_HEAD_DIM_MULTIPLE != 0:
-        return f"head dim = {head_dim} is not a multiple of {_MX_HEAD_DIM_MULTIPLE}"
     if dtype not in _MX_DTYPES:
-        return f"dtype {dtype} is not float32/float16"
+        return f"dtype {dtype} is not float32/float16/bfloat16"
     return None
 
 
@@ -95,11 +112,32 @@ def multi_scale_deformable_attn(
     if fast is not None:
         reason = msda_fast_path_unsupported(heads, dim, num_levels, num_points, value.dtype)
         if reason is None:
-            return fast.multi_scale_deformable_attn(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-            )
+            return _msda_mx(fast, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         warn_once(_OP, f"mx_driving kernel not applicable ({reason}); using the PyTorch reference")
     return _msda_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _msda_mx(
+    mx_driving: ModuleType,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """``mx_driving.multi_scale_deformable_attn`` on fp32 contiguous copies; (bs, Q, heads * d) in value's dtype.
+
+    Shapes as :func:`multi_scale_deformable_attn`. The casts and ``contiguous`` calls are no-ops for the fp32
+    contiguous tensors the model passes; autograd routes the kernel's gradients back through them.
+    """
+    out = mx_driving.multi_scale_deformable_attn(
+        value.float().contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.float().contiguous(),
+        attention_weights.float().contiguous(),
+    )
+    return out.to(value.dtype)
 
 
 def _msda_reference(

@@ -11,9 +11,11 @@ tap ``k = i * kw + j`` (row-major over the kernel window), channel ``2 * (g * kh
 contiguous blocks, each moved by its own offsets. Bilinear samples read zeros outside the input.
 
 Paths (chosen per call, see ``bevnext.ops._dispatch``):
-* NPU: ``mx_driving.deform_conv2d`` when its constraints hold (``deform_groups == 1``, fp32, input
-  channels per group a multiple of 64); grouped convolutions run as one kernel call per group, and a bias is
-  added outside the kernel (the kernel has none).
+* NPU: ``mx_driving.deform_conv2d`` when its constraints hold (see
+  :func:`deform_conv2d_fast_path_unsupported`): one kernel call with the convolution's ``groups`` (the
+  wrapper passes them to the kernel, which loops over them), and a bias added outside the kernel (the
+  wrapper accepts ``bias`` but never uses it). Its offset layout is mmcv's (the kernel takes even offset
+  channels as Δy and odd ones as Δx, taps row-major).
 * CPU / CUDA: ``torchvision.ops.deform_conv2d`` (same offset layout; verified against a loop oracle in the
   tests).
 * Anything else (or when torchvision has no kernel for the device/dtype): a portable pure-PyTorch version
@@ -35,7 +37,12 @@ from bevnext.ops._dispatch import fast_module, reference_forced, warn_once
 __all__ = ["DeformConv2dPack", "deform_conv2d", "deform_conv2d_fast_path_unsupported"]
 
 _OP = "deform_conv2d"
+# mx_driving.deform_conv2d (mx-driving 26.2.0.post2): the kernel walks the input channels in 64-wide vector
+# repeats (documented: Cin a multiple of 64), copies each group's im2col columns in 8-float blocks, and its
+# backward reduces the per-channel offset gradients with at most 8 repeats (Cin <= 512).
 _MX_CIN_MULTIPLE = 64
+_MX_CIN_PER_GROUP_MULTIPLE = 8
+_MX_MAX_CIN = 512
 # Devices for which torchvision ships deform_conv2d kernels.
 _TORCHVISION_DEVICES = ("cpu", "cuda")
 
@@ -47,9 +54,14 @@ def deform_conv2d_fast_path_unsupported(
 ) -> str | None:
     """Why ``mx_driving.deform_conv2d`` cannot run this convolution, or None when it can.
 
-    DrivingSDK documents: ``deformable_groups == 1``, fp32 tensors, input channels a multiple of 64, no
-    bias; some releases also only accept ``groups == 1``. We therefore call the kernel once per group
-    (so the condition is on the channels *per group*) and add any bias ourselves.
+    mx-driving 26.2.0.post2's wrapper (``mx_driving/ops/deform_conv2d.py``) hands ``groups`` and
+    ``deformable_groups`` to the kernel as they are and computes no bias. The constraints:
+
+    * ``deform_groups == 1`` (documented; the kernel reads one (Δy, Δx) pair per tap and output pixel);
+    * fp32 (documented; the op-info lists float32 only);
+    * ``Cin`` a multiple of 64 (documented; channels past the last full 64 would be dropped silently);
+    * ``Cin / groups`` a multiple of 8 (the kernel copies each group's columns in blocks of 8 floats);
+    * ``Cin <= 512`` (the backward's per-tap offset-gradient reduction holds at most 8 partial sums).
 
     Args:
         in_channels: input channels ``Cin`` of the convolution.
@@ -64,9 +76,13 @@ def deform_conv2d_fast_path_unsupported(
         return f"deform_groups = {deform_groups} != 1"
     if dtype != torch.float32:
         return f"dtype {dtype} is not float32"
+    if in_channels % _MX_CIN_MULTIPLE != 0:
+        return f"input channels = {in_channels} is not a multiple of {_MX_CIN_MULTIPLE}"
+    if in_channels > _MX_MAX_CIN:
+        return f"input channels = {in_channels} exceed {_MX_MAX_CIN}"
     per_group = in_channels // groups
-    if per_group % _MX_CIN_MULTIPLE != 0:
-        return f"input channels per group = {per_group} is not a multiple of {_MX_CIN_MULTIPLE}"
+    if per_group % _MX_CIN_PER_GROUP_MULTIPLE != 0:
+        return f"input channels per group = {per_group} is not a multiple of {_MX_CIN_PER_GROUP_MULTIPLE}"
     return None
 
 
@@ -171,23 +187,13 @@ def _deform_conv2d_mx(
     dilation: tuple[int, int],
     groups: int,
 ) -> Tensor:
-    """mx_driving kernel, one call per convolution group (all groups share the offsets: deform_groups == 1)."""
-    in_per_group = x.shape[1] // groups
-    out_per_group = weight.shape[0] // groups
-    outs = [
-        mx_driving.deform_conv2d(
-            x[:, g * in_per_group : (g + 1) * in_per_group],
-            offset,
-            weight[g * out_per_group : (g + 1) * out_per_group],
-            stride,
-            padding,
-            dilation,
-            1,
-            1,
-        )
-        for g in range(groups)
-    ]
-    out = outs[0] if groups == 1 else torch.cat(outs, dim=1)
+    """mx_driving kernel: x (B, Cin, H, W), offset (B, 2*kh*kw, Ho, Wo), weight (Cout, Cin/groups, kh, kw).
+
+    Returns (B, Cout, Ho, Wo). The wrapper's signature is ``(x, offset, weight, stride, padding, dilation,
+    groups, deformable_groups)``; it permutes all three tensors to channels-last copies itself, so any layout
+    may be passed. The bias is added here because the wrapper ignores its ``bias`` argument.
+    """
+    out = mx_driving.deform_conv2d(x, offset, weight, stride, padding, dilation, groups, 1)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

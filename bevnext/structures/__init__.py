@@ -1,5 +1,6 @@
 """Frames, box layout and transforms: the project's coordinate conventions, defined once."""
 
+from bevnext.structures.batch import Batch
 from bevnext.structures.boxes import (
     BOX_DIM,
     CATEGORY_TO_CLASS,
@@ -9,6 +10,7 @@ from bevnext.structures.boxes import (
     ego_boxes_to_global,
     global_boxes_to_ego,
 )
+from bevnext.structures.cameras import CameraGeometry, inverse_3x3
 from bevnext.structures.detections import Detections
 from bevnext.structures.transforms import (
     RigidTransform,
@@ -23,6 +25,8 @@ from bevnext.structures.transforms import (
 
 __all__ = [
     "BOX_DIM",
+    "Batch",
+    "CameraGeometry",
     "CATEGORY_TO_CLASS",
     "CLASSES",
     "Detections",
@@ -31,6 +35,7 @@ __all__ = [
     "box_corners",
     "ego_boxes_to_global",
     "global_boxes_to_ego",
+    "inverse_3x3",
     "quat_to_rotmat",
     "quat_to_yaw",
     "rotmat_to_quat",

@@ -14,8 +14,9 @@ model side converts to tensors at its own boundary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,11 @@ class RigidTransform:
         if t.shape != (3,):
             raise ValueError(f"translation must have 3 values, got {list(translation)}")
         return RigidTransform(quat_to_rotmat(rotation_wxyz), t)
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> RigidTransform:
+        """From a pose record ``{"translation": [x, y, z], "rotation": [w, x, y, z]}`` (nuScenes, info files)."""
+        return RigidTransform.from_nusc(record["translation"], record["rotation"])
 
     @staticmethod
     def from_matrix(matrix: np.ndarray) -> RigidTransform:

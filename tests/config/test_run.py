@@ -130,8 +130,8 @@ _CONSUMERS = {
     "model": (["models/detector.py"], ["cfg"]),
     "data": (["data/*.py"], ["cfg"]),
     "train": (["engine/trainer.py"], ["t", r"run\.train"]),
-    "eval": (["data/loader.py"], ["eval_cfg"]),
-    "runtime": (["engine/trainer.py"], [r"run\.runtime"]),
+    "eval": (["data/loader.py", "engine/evaluate.py"], ["eval_cfg", r"run\.eval"]),
+    "runtime": (["engine/trainer.py", "engine/launch.py"], [r"run\.runtime"]),
     "": (["engine/trainer.py", "cli.py"], ["run"]),
 }
 

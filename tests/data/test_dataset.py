@@ -1,8 +1,8 @@
-"""``BEVDataset``, its transforms, ``DataConfig`` and ``collate``: layout, reference numbers, randomness,
+"""``BEVDataset``, its transforms, ``DataConfig`` and ``Collate``: layout, reference numbers, randomness,
 loader workers, bad files and empty ground truth. Geometry is in ``test_geometry.py``.
 
-One small synthetic dataset (2 scenes x 3 samples at 400 x 225) per module, loaded at 128 x 352
-(``resize_unit`` = 2, as for 800 x 450 -> 704 x 256).
+The session's shared synthetic dataset (``tiny_synth_root``: 2 scenes x 4 samples at 400 x 225), loaded at
+128 x 352 (``resize_unit`` = 2, as for 800 x 450 -> 704 x 256); tests that edit infos or files work on copies.
 """
 
 from __future__ import annotations
@@ -20,20 +20,19 @@ pytest.importorskip("nuscenes")
 
 from bevnext.config.data import DataConfig  # noqa: E402
 from bevnext.config.overrides import apply_overrides  # noqa: E402
-from bevnext.data.batch import Batch  # noqa: E402
-from bevnext.data.collate import collate  # noqa: E402
+from bevnext.structures.batch import Batch  # noqa: E402
+from bevnext.data.collate import Collate  # noqa: E402
+from bevnext.data.loader import loader_worker_setup  # noqa: E402
+from bevnext.data.sample import Sample  # noqa: E402
+from bevnext.structures.cameras import CameraGeometry  # noqa: E402
 from bevnext.data.dataset import BEVDataset  # noqa: E402
 from bevnext.data.image_aug import ImageAug  # noqa: E402
-from bevnext.data.infos import create_infos  # noqa: E402
-from bevnext.data.synth import generate_dataset  # noqa: E402
-from bevnext.data.synth import generator as gen  # noqa: E402
 from bevnext.data.transforms import (  # noqa: E402
     depth_map,
     normalize_images,
     sample_bev_aug,
     sample_image_aug,
 )
-from bevnext.engine.device import seed_worker  # noqa: E402
 from bevnext.errors import ConfigError, DataError  # noqa: E402
 from bevnext.structures.sensors import CAMERAS  # noqa: E402
 from bevnext.structures.transforms import RigidTransform  # noqa: E402
@@ -43,12 +42,10 @@ CFG = DataConfig(input_size=(128, 352), src_size=SIZE)
 TRAIN = "synth_train"
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = generate_dataset(tmp_path_factory.mktemp("ds") / "data", scenes=2, samples_per_scene=3, image_size=SIZE,
-                           seed=5, val_fraction=0.5, progress=False)
-    create_infos(out, gen.VERSION, progress=False)
-    return Path(out)
+@pytest.fixture
+def root(tiny_synth_root: Path) -> Path:
+    """The shared dataset (read only) with its info files; one ``synth_train`` scene of 4 samples."""
+    return tiny_synth_root
 
 
 def _infos_path(root: Path) -> Path:
@@ -68,17 +65,16 @@ def _edited_infos(root: Path, tmp_path: Path, edit) -> Path:
     return path
 
 
-def _assert_samples_equal(a: dict, b: dict, but: tuple[str, ...] = ()) -> None:
-    """Equal tensors and metas (meta keys in ``but`` aside)."""
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        elif key == "meta":
-            keep = lambda meta: {k: v for k, v in meta.items() if k not in but}  # noqa: E731
-            assert keep(a[key]) == keep(b[key])
-        else:
-            assert a[key] == b[key], key
+def _assert_samples_equal(a: Sample, b: Sample, but: tuple[str, ...] = ()) -> None:
+    """Equal tensors, cameras and metas (meta keys in ``but`` aside)."""
+    for key in ("images", "gt_boxes", "gt_labels"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert (a.gt_depth is None) == (b.gt_depth is None)
+    assert a.gt_depth is None or torch.equal(a.gt_depth, b.gt_depth)
+    for field in dataclasses.fields(CameraGeometry):
+        assert torch.equal(getattr(a.cams, field.name), getattr(b.cams, field.name)), field.name
+    keep = lambda meta: {k: v for k, v in meta.items() if k not in but}  # noqa: E731
+    assert keep(a.meta) == keep(b.meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,35 +172,31 @@ def test_sample_layout_train_and_test(root: Path):
     h, w = cfg.input_size
     train = _dataset(root, cfg=cfg)
     sample = train[2]
-    shapes = {
-        "images": (3, 6, h, w, 3), "cam2key_rot": (3, 6, 3, 3), "cam2key_trans": (3, 6, 3),
-        "intrinsics": (3, 6, 3, 3), "post_rot": (3, 6, 3, 3), "post_trans": (3, 6, 3), "bda": (3, 3),
-        "gt_depth": (6, h, w),
-    }
-    for key, shape in shapes.items():
-        assert tuple(sample[key].shape) == shape, key
-    assert sample["images"].dtype == torch.uint8 and sample["cam2key_rot"].dtype == torch.float32
-    assert sample["normalize"] == {"mean": cfg.mean, "std": cfg.std, "bgr": True}
-    assert sample["gt_boxes"].shape[1] == 9 and sample["gt_boxes"].shape[0] == sample["gt_labels"].shape[0] > 0
-    assert sample["gt_labels"].dtype == torch.int64
-    assert (sample["gt_depth"] > 0).sum() > 500
-    boxes = sample["gt_boxes"]
+    assert isinstance(sample, Sample)
+    assert sample.images.shape == (3, 6, h, w, 3) and sample.gt_depth.shape == (6, h, w)
+    assert sample.cams.cam2key_rot.shape == (1, 3, 6, 3, 3) and sample.cams.bda.shape == (1, 3, 3)
+    assert sample.images.dtype == torch.uint8 and sample.cams.cam2key_rot.dtype == torch.float32
+    assert Collate.from_config(cfg) == Collate(cfg.mean, cfg.std, True)
+    assert sample.gt_boxes.shape[1] == 9 and sample.gt_boxes.shape[0] == sample.gt_labels.shape[0] > 0
+    assert sample.gt_labels.dtype == torch.int64
+    assert (sample.gt_depth > 0).sum() > 500
+    boxes = sample.gt_boxes
     assert boxes[:, :2].abs().max() < 51.2 and boxes[:, 6].min() >= -np.pi and boxes[:, 6].max() < np.pi
-    meta = sample["meta"]
+    meta = sample.meta
     assert meta["token"] == train.infos[2]["token"] and len(meta["frame_tokens"]) == 3
     assert np.asarray(meta["key_ego2global"]).shape == (4, 4)
     # Cameras share one augmentation across frames.
-    assert torch.equal(sample["post_rot"][1], sample["post_rot"][0])
+    assert torch.equal(sample.cams.post_rot[0][1], sample.cams.post_rot[0][0])
 
     test = _dataset(root, train=False, cfg=cfg)
     sample = test[2]
-    assert sample["gt_depth"] is None
-    assert torch.equal(sample["bda"], torch.eye(3))
+    assert sample.gt_depth is None
+    assert torch.equal(sample.cams.bda[0], torch.eye(3))
     r = 0.44 * cfg.resize_unit
     top = int(225 * r + 1e-6) - h
     for n in range(6):
-        np.testing.assert_allclose(sample["post_rot"][0, n], np.diag([r, r, 1.0]), rtol=1e-6)
-        np.testing.assert_allclose(sample["post_trans"][0, n], [0.0, -top, 0.0])
+        np.testing.assert_allclose(sample.cams.post_rot[0][0, n], np.diag([r, r, 1.0]), rtol=1e-6)
+        np.testing.assert_allclose(sample.cams.post_trans[0][0, n], [0.0, -top, 0.0])
     test.set_epoch(3)
     _assert_samples_equal(test[2], sample, but=("epoch",))  # no randomness at test time
 
@@ -216,9 +208,9 @@ def test_batch_images_are_the_normalised_canvas(root: Path):
     for bgr in (True, False):
         ds = _dataset(root, cfg=dataclasses.replace(cfg, bgr_normalize=bgr))
         samples = [ds[0], ds[2]]
-        batch = collate(samples)
+        batch = Collate.from_config(ds.cfg)(samples)
         for b, sample in enumerate(samples):
-            rgb = sample["images"].numpy()
+            rgb = sample.images.numpy()
             np.testing.assert_array_equal(batch.canvas[b].numpy(), rgb[0])
             np.testing.assert_array_equal(batch.images[b].numpy(), normalize_images(rgb, cfg.mean, cfg.std, bgr))
             # Channel 0 holds blue under the quirk, red otherwise.
@@ -234,33 +226,34 @@ def test_augmentation_is_reproducible_per_seed_epoch_and_index(root: Path):
     ds.set_epoch(1)
     assert ds.epoch == 1
     other_epoch = ds[1]
-    assert not torch.equal(other_epoch["post_rot"], first["post_rot"])
+    assert not torch.equal(other_epoch.cams.post_rot[0], first.cams.post_rot[0])
     ds.set_epoch(0)
     _assert_samples_equal(ds[1], first)
-    assert not torch.equal(_dataset(root, seed=1)[1]["post_rot"], first["post_rot"])
+    assert not torch.equal(_dataset(root, seed=1)[1].cams.post_rot[0], first.cams.post_rot[0])
 
 
 def test_collate_builds_a_batch(root: Path):
     ds = _dataset(root)
-    batch = collate([ds[0], ds[1]])
+    batch = Collate.from_config(CFG)([ds[0], ds[1]])
     assert isinstance(batch, Batch) and batch.batch_size == 2 and batch.num_frames == 1 and batch.num_cams == 6
     assert batch.images.shape == (2, 1, 6, 3, *CFG.input_size) and batch.gt_depth.shape == (2, 6, *CFG.input_size)
     assert batch.images.dtype == torch.float32 and batch.canvas.shape == (2, 6, *CFG.input_size, 3)
-    assert len(batch.gt_boxes) == len(batch.metas) == 2 and batch.bda.shape == (2, 3, 3)
-    test_batch = collate([_dataset(root, train=False)[0]])
+    assert len(batch.gt_boxes) == len(batch.metas) == 2 and batch.cams.bda.shape == (2, 3, 3)
+    test_batch = Collate.from_config(CFG)([_dataset(root, train=False)[0]])
     assert test_batch.gt_depth is None
     with pytest.raises(ValueError, match="no samples"):
-        collate([])
+        Collate.from_config(CFG)([])
 
 
 def test_loader_workers_give_the_same_batches(root: Path):
-    """num_workers=2 (persistent, seed_worker) gives exactly the num_workers=0 batches, epoch after epoch:
+    """num_workers=2 (persistent) gives exactly the num_workers=0 batches, epoch after epoch, with no worker
+    seeding at all (every draw comes from (seed, epoch, index)):
     the epoch set in the main process reaches persistent workers."""
 
     def batches(workers: int) -> list[Batch]:
         ds = _dataset(root)
-        kwargs = {"num_workers": workers, "worker_init_fn": seed_worker, "collate_fn": collate, "batch_size": 2,
-                  "pin_memory": torch.cuda.is_available()}
+        kwargs = {"num_workers": workers, "worker_init_fn": loader_worker_setup(workers),
+                  "collate_fn": Collate.from_config(CFG), "batch_size": 2, "pin_memory": torch.cuda.is_available()}
         if workers:
             kwargs["persistent_workers"] = True
         loader = DataLoader(ds, **kwargs)
@@ -275,13 +268,15 @@ def test_loader_workers_give_the_same_batches(root: Path):
     for a, b in zip(single, multi):
         for field in dataclasses.fields(Batch):
             x, y = getattr(a, field.name), getattr(b, field.name)
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, CameraGeometry):
+                assert all(torch.equal(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x))
+            elif isinstance(x, torch.Tensor):
                 assert torch.equal(x.cpu(), y.cpu()), field.name
             elif field.name == "metas":
                 assert x == y
             else:
                 assert all(torch.equal(u, v) for u, v in zip(x, y)), field.name
-    assert not torch.equal(single[0].post_rot, single[2].post_rot)  # epochs differ
+    assert not torch.equal(single[0].cams.post_rot, single[2].cams.post_rot)  # epochs differ
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +334,7 @@ def test_skip_bad_files_returns_another_sample_and_counts(root: Path, tmp_path: 
     ds = _dataset(root, cfg=cfg, info=info)
     token = ds.infos[1]["token"]
     sample = ds[1]
-    assert sample["meta"]["sample_index"] != 1 and sample["meta"]["replaced"] == [token]
+    assert sample.meta["sample_index"] != 1 and sample.meta["replaced"] == [token]
     assert ds.num_skipped == 1
     assert str(bad) in caplog.text and token in caplog.text
     _assert_samples_equal(ds[1], sample)  # the replacement is deterministic
@@ -347,7 +342,7 @@ def test_skip_bad_files_returns_another_sample_and_counts(root: Path, tmp_path: 
 
     # Counts made in loader workers reach the main process.
     fresh = _dataset(root, cfg=cfg, info=info)
-    loader = DataLoader(fresh, batch_size=1, num_workers=2, collate_fn=collate)
+    loader = DataLoader(fresh, batch_size=1, num_workers=2, collate_fn=Collate.from_config(CFG))
     metas = [batch.metas[0] for batch in loader]
     assert len(metas) == len(fresh) and fresh.num_skipped == 1
     assert [m["replaced"] for m in metas].count([token]) == 1
@@ -364,13 +359,13 @@ def test_empty_ground_truth_is_replaced_in_training_only(root: Path, tmp_path: P
     ds = _dataset(root, info=info)
     for i in (0, 1):
         sample = ds[i]
-        assert sample["meta"]["sample_index"] not in (i,) and sample["meta"]["replaced"][0] == ds.infos[i]["token"]
-        assert sample["gt_boxes"].shape[0] > 0
+        assert sample.meta["sample_index"] not in (i,) and sample.meta["replaced"][0] == ds.infos[i]["token"]
+        assert sample.gt_boxes.shape[0] > 0
         _assert_samples_equal(ds[i], sample)
     assert ds.num_skipped == 0
     test = _dataset(root, train=False, info=info)
-    assert test[0]["gt_boxes"].shape == (0, 9) and test[0]["meta"]["sample_index"] == 0
-    assert test[1]["gt_boxes"].shape == (0, 9)
+    assert test[0].gt_boxes.shape == (0, 9) and test[0].meta["sample_index"] == 0
+    assert test[1].gt_boxes.shape == (0, 9)
 
 
 def test_image_size_must_match_the_config(root: Path):
@@ -388,7 +383,7 @@ def test_custom_image_loader_is_used(root: Path):
 
     sample = _dataset(root, train=False, load_image=loader)[0]
     assert sorted(c[0] for c in calls) == sorted(CAMERAS)
-    assert int(sample["images"].min()) == int(sample["images"].max()) == 7
+    assert int(sample.images.min()) == int(sample.images.max()) == 7
 
 
 def test_epoch_and_skip_counts_cross_spawned_workers(root: Path, tmp_path: Path):
@@ -399,7 +394,7 @@ def test_epoch_and_skip_counts_cross_spawned_workers(root: Path, tmp_path: Path)
         infos[2]["cams"]["CAM_FRONT_LEFT"]["path"] = str(bad)
 
     ds = _dataset(root, cfg=dataclasses.replace(CFG, on_bad_file="skip"), info=_edited_infos(root, tmp_path, edit))
-    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate, multiprocessing_context="spawn",
+    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=Collate.from_config(CFG), multiprocessing_context="spawn",
                         persistent_workers=True)
     for epoch in (0, 4):
         ds.set_epoch(epoch)

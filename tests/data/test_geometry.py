@@ -42,12 +42,13 @@ pytest.importorskip("nuscenes")
 
 from bevnext.config.data import DataConfig  # noqa: E402
 from bevnext.data.dataset import BEVDataset  # noqa: E402
-from bevnext.data.infos import create_infos, key_ego2global  # noqa: E402
-from bevnext.data.synth import generate_dataset  # noqa: E402
-from bevnext.data.synth import generator as gen  # noqa: E402
-from bevnext.data.synth.ground import GroundTexture  # noqa: E402
-from bevnext.data.synth.render import GROUND, CameraRenderer, RenderResult  # noqa: E402
-from bevnext.data.synth.world import SceneWorld  # noqa: E402
+from bevnext.data.info_record import key_ego2global  # noqa: E402
+from bevnext.data.infos import create_infos  # noqa: E402
+from bevnext.synth import generate_dataset  # noqa: E402
+from bevnext.synth import generator as gen  # noqa: E402
+from bevnext.synth.ground import GroundTexture  # noqa: E402
+from bevnext.synth.render import GROUND, CameraRenderer, RenderResult  # noqa: E402
+from bevnext.synth.world import SceneWorld  # noqa: E402
 from bevnext.data.transforms import BEVAug  # noqa: E402
 from bevnext.structures.boxes import box_corners  # noqa: E402
 from bevnext.structures.sensors import CAMERAS  # noqa: E402
@@ -125,8 +126,8 @@ def _dataset(root: Path, split: str, train: bool, cfg: DataConfig = CFG) -> BEVD
 def _aug_matrix(sample: dict, f: int, n: int) -> np.ndarray:
     """(3, 3) original -> augmented pixels, from the sample's post_rot / post_trans."""
     m = np.eye(3)
-    m[:2, :2] = sample["post_rot"][f, n, :2, :2].double().numpy()
-    m[:2, 2] = sample["post_trans"][f, n, :2].double().numpy()
+    m[:2, :2] = sample.cams.post_rot[0][f, n, :2, :2].double().numpy()
+    m[:2, 2] = sample.cams.post_trans[0][f, n, :2].double().numpy()
     return m
 
 
@@ -152,8 +153,8 @@ def _warp_error(rgb: np.ndarray, m: np.ndarray, image: np.ndarray, shown: np.nda
 
 def _object_of_boxes(sample: dict, info: dict, world: SceneWorld) -> np.ndarray:
     """World object index of each batch box (boxes moved back through bda^-1, to global, matched at LiDAR time)."""
-    boxes = sample["gt_boxes"].double().numpy()
-    bda_inv = np.linalg.inv(sample["bda"].double().numpy())
+    boxes = sample.gt_boxes.double().numpy()
+    bda_inv = np.linalg.inv(sample.cams.bda[0].double().numpy())
     centres = key_ego2global(info).apply(boxes[:, :3] @ bda_inv.T)
     objs = world.objects.centres(world.timeline.seconds(info["timestamp"]))
     dist = np.linalg.norm(centres[:, None, :] - objs[None, :, :], axis=2)
@@ -181,10 +182,10 @@ def _inside(points: np.ndarray, box: np.ndarray, margin: float) -> np.ndarray:
 def _project(sample: dict, f: int, n: int, points_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Points of the BEV-augmented key frame -> augmented image (u, v) and camera depth, with the batch's matrices."""
     as64 = lambda t: t.double().numpy()  # noqa: E731
-    key = points_aug @ np.linalg.inv(as64(sample["bda"])).T
-    rot, trans = as64(sample["cam2key_rot"][f, n]), as64(sample["cam2key_trans"][f, n])
+    key = points_aug @ np.linalg.inv(as64(sample.cams.bda[0])).T
+    rot, trans = as64(sample.cams.cam2key_rot[0][f, n]), as64(sample.cams.cam2key_trans[0][f, n])
     cam = (key - trans) @ rot  # R^T (p - t)
-    pix = cam @ as64(sample["intrinsics"][f, n]).T
+    pix = cam @ as64(sample.cams.intrinsics[0][f, n]).T
     uv = pix[:, :2] / pix[:, 2:3]
     m = _aug_matrix(sample, f, n)
     return uv @ m[:2, :2].T + m[:2, 2], cam[:, 2]
@@ -193,11 +194,11 @@ def _project(sample: dict, f: int, n: int, points_aug: np.ndarray) -> tuple[np.n
 def _lift(sample: dict, f: int, n: int, uv: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """The Batch docstring's lift: bda @ (R @ K^-1 @ (d * post_rot^-1 @ ([u, v, 1] - post_trans)) + t)."""
     as64 = lambda t: t.double().numpy()  # noqa: E731
-    homog = np.concatenate([uv, np.ones((uv.shape[0], 1))], axis=1) - as64(sample["post_trans"][f, n])
-    img = homog @ np.linalg.inv(as64(sample["post_rot"][f, n])).T
-    cam = (depth[:, None] * img) @ np.linalg.inv(as64(sample["intrinsics"][f, n])).T
-    key = cam @ as64(sample["cam2key_rot"][f, n]).T + as64(sample["cam2key_trans"][f, n])
-    return key @ as64(sample["bda"]).T
+    homog = np.concatenate([uv, np.ones((uv.shape[0], 1))], axis=1) - as64(sample.cams.post_trans[0][f, n])
+    img = homog @ np.linalg.inv(as64(sample.cams.post_rot[0][f, n])).T
+    cam = (depth[:, None] * img) @ np.linalg.inv(as64(sample.cams.intrinsics[0][f, n])).T
+    key = cam @ as64(sample.cams.cam2key_rot[0][f, n]).T + as64(sample.cams.cam2key_trans[0][f, n])
+    return key @ as64(sample.cams.bda[0]).T
 
 
 def _augmented_samples(ds: BEVDataset, epochs: int):
@@ -254,15 +255,15 @@ def test_projected_boxes_land_on_rendered_objects(root: Path, worlds, renders: R
     ds = _dataset(root, "synth_train", train=True)
     checked = flipped = bda_flipped = rotated = 0
     for sample in _augmented_samples(ds, epochs=4):
-        info = ds.infos[sample["meta"]["sample_index"]]
+        info = ds.infos[sample.meta["sample_index"]]
         scene, world = info["scene_name"], worlds[info["scene_name"]]
         t_lidar = world.timeline.seconds(info["timestamp"])
         objects = _object_of_boxes(sample, info, world)
-        boxes = sample["gt_boxes"].double().numpy()
+        boxes = sample.gt_boxes.double().numpy()
         half = boxes.copy()
         half[:, 3:6] *= 0.5
         local = np.concatenate([boxes[:, None, :3], box_corners(half)], axis=1)  # (M, 9, 3) in the aug frame
-        bda = sample["bda"].double().numpy()
+        bda = sample.cams.bda[0].double().numpy()
         # One flip reverses orientation; both flips make a rotation by ~180 degrees (|BDA rotation| <= 22.5).
         bda_flipped += np.linalg.det(bda) < 0 or bda[0, 0] < 0
         for n, cam in enumerate(CAMERAS):
@@ -276,12 +277,12 @@ def test_projected_boxes_land_on_rendered_objects(root: Path, worlds, renders: R
 
             # The image is the rendering warped by this matrix (JPEG and interpolation aside), and better aligned
             # with it than with the same warp shifted by one output pixel in any direction.
-            canvas = sample["images"][0, n].numpy().astype(np.float64)  # what becomes the batch's canvas
+            canvas = sample.images[0, n].numpy().astype(np.float64)  # what becomes the batch's canvas
             shown = (canvas.sum(axis=2) > 0) & (ids_aug != OUT_OF_IMAGE)
             assert shown.mean() > 0.6
             aligned = _warp_error(result.rgb, m, canvas, shown)
-            assert aligned < 6.0, (cam, sample["meta"]["token"], aligned)
-            if sample["meta"]["epoch"] < 2:
+            assert aligned < 6.0, (cam, sample.meta["token"], aligned)
+            if sample.meta["epoch"] < 2:
                 for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
                     shifted = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]]) @ m
                     assert aligned < _warp_error(result.rgb, shifted, canvas, shown), (cam, dx, dy)
@@ -318,7 +319,7 @@ def test_projected_boxes_land_on_rendered_objects(root: Path, worlds, renders: R
                 col, row = int(np.floor(uv[p, 0])), int(np.floor(uv[p, 1]))
                 if not (0 <= col < CFG.input_size[1] and 0 <= row < CFG.input_size[0]):
                     continue  # cropped away
-                assert ids_aug[row, col] == obj[p], (sample["meta"]["token"], cam, p, ids_aug[row, col], obj[p])
+                assert ids_aug[row, col] == obj[p], (sample.meta["token"], cam, p, ids_aug[row, col], obj[p])
                 checked += 1
     n_views = 4 * len(ds) * len(CAMERAS)
     assert checked > 300
@@ -336,10 +337,10 @@ def test_depth_targets_match_rendered_depth(root: Path, worlds, renders: Renders
     rel_err = []
     ground_ok = ground_total = edge = 0
     for sample in _augmented_samples(ds, epochs=2):
-        info = ds.infos[sample["meta"]["sample_index"]]
+        info = ds.infos[sample.meta["sample_index"]]
         scene = info["scene_name"]
         for n, cam in enumerate(CAMERAS):
-            target = sample["gt_depth"][n].numpy()
+            target = sample.gt_depth[n].numpy()
             rows, cols = np.nonzero(target)
             assert rows.size > 100
             d = target[rows, cols].astype(np.float64)
@@ -397,12 +398,12 @@ def test_lifted_object_pixels_land_in_their_boxes(root: Path, worlds, renders: R
     rng = np.random.default_rng(0)
     checked = checked_history = 0
     for sample in _augmented_samples(ds, epochs=2):
-        i = sample["meta"]["sample_index"]
+        i = sample.meta["sample_index"]
         info = ds.infos[i]
         scene, world = info["scene_name"], worlds[info["scene_name"]]
         t_lidar = world.timeline.seconds(info["timestamp"])
         objects = _object_of_boxes(sample, info, world)
-        boxes = sample["gt_boxes"].double().numpy()
+        boxes = sample.gt_boxes.double().numpy()
         for f, j in enumerate(ds.frame_indices[i]):
             if f > 0 and j == i:
                 continue  # a repeated key frame: nothing new
@@ -425,7 +426,7 @@ def test_lifted_object_pixels_land_in_their_boxes(root: Path, worlds, renders: R
                     depth = result.depth[rows[inside], cols[inside]].astype(np.float64)
                     points = _lift(sample, f, n, uv[inside], depth)
                     box = _moved(boxes[b : b + 1], world.timeline.seconds(ts) - t_lidar)[0]
-                    assert _inside(points, box, 0.02).all(), (sample["meta"]["token"], f, cam, int(k))
+                    assert _inside(points, box, 0.02).all(), (sample.meta["token"], f, cam, int(k))
                     checked += points.shape[0]
                     checked_history += points.shape[0] if f > 0 else 0
     assert checked > 5000 and checked_history > 1000
@@ -451,14 +452,17 @@ def test_scene_start_repeats_the_key_frame(root: Path):
         if i == 0 or infos[i - 1]["scene_token"] != info["scene_token"]:
             firsts += 1
             sample = ds[i]
-            assert sample["meta"]["frame_tokens"] == [info["token"]] * 9
-            for key in ("images", "cam2key_rot", "cam2key_trans", "intrinsics", "post_rot", "post_trans"):
+            assert sample.meta["frame_tokens"] == [info["token"]] * 9
+            per_frame = {"images": sample.images}
+            per_frame.update({k: getattr(sample.cams, k)[0] for k in ("cam2key_rot", "cam2key_trans", "intrinsics",
+                                                                        "post_rot", "post_trans")})
+            for key, value in per_frame.items():
                 for f in range(1, 9):
-                    assert torch.equal(sample[key][f], sample[key][0]), key
+                    assert torch.equal(value[f], value[0]), key
     assert firsts == 2
     # A later sample: distinct history frames, each with its own images and extrinsics.
     i = next(i for i in range(len(infos)) if ds.frame_indices[i][1] != i and ds.frame_indices[i][2] != i)
     sample = ds[i]
-    assert not torch.equal(sample["images"][1], sample["images"][0])
-    assert not torch.equal(sample["cam2key_trans"][1], sample["cam2key_trans"][0])
-    assert torch.equal(sample["images"][3], sample["images"][0]) == (ds.frame_indices[i][3] == i)
+    assert not torch.equal(sample.images[1], sample.images[0])
+    assert not torch.equal(sample.cams.cam2key_trans[0][1], sample.cams.cam2key_trans[0][0])
+    assert torch.equal(sample.images[3], sample.images[0]) == (ds.frame_indices[i][3] == i)

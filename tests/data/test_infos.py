@@ -10,7 +10,10 @@ import json
 import logging
 import math
 import pickle
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,12 +33,12 @@ from handmade_nusc import (
     yaw_quat,
 )
 
+from bevnext.data.info_record import key_ego2global
 from bevnext.data.infos import (
     INFO_FORMAT,
     INFO_FORMAT_VERSION,
     create_infos,
     info_path,
-    key_ego2global,
     load_infos,
     splits_for_version,
 )
@@ -431,15 +434,10 @@ def test_skip_missing_with_every_sample_bad_fails(spec: HandmadeSpec):
 # 4. The synthetic generator's output goes through the same path.
 
 
-def test_synthetic_dataset(tmp_path: Path):
-    synth = pytest.importorskip("bevnext.data.synth", reason="synthetic generator not available yet")
-    if not hasattr(synth, "generate_dataset"):
-        pytest.skip("synthetic generator not available yet (bevnext.data.synth.generate_dataset)")
-    out = tmp_path / "synth"
-    root = synth.generate_dataset(
-        out, scenes=2, samples_per_scene=3, image_size=(160, 90), seed=0, progress=False
-    )
-    root = Path(root) if root is not None else out
+def test_synthetic_dataset(tmp_path: Path, tiny_synth_root: Path, tiny_synth_args: Mapping[str, Any]):
+    # The shared dataset without its info files: create_infos writes them here, not into the shared root.
+    root = tmp_path / "synth"
+    shutil.copytree(tiny_synth_root, root, ignore=shutil.ignore_patterns("bevnext_infos_*"))
     version = "v1.0-synth"
     splits = splits_for_version(root, version)
     paths = create_infos(root, version, progress=False)
@@ -454,4 +452,4 @@ def test_synthetic_dataset(tmp_path: Path):
             assert info["gt_boxes"], f"sample {info['token']} has no ground truth"
             assert len(info["gt_boxes"]) == len(info["gt_labels"]) == len(info["gt_instance_tokens"])
         total += len(loaded.infos)
-    assert total == 6
+    assert total == tiny_synth_args["scenes"] * tiny_synth_args["samples_per_scene"]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bevnext.data.sampler import CBGSSampler, cbgs_counts, cbgs_indices, class_sample_lists
+from bevnext.data.sampler import CBGSSampler, SceneShardSampler, cbgs_counts, cbgs_indices, class_sample_lists
 from bevnext.errors import DataError
 
 # Ten samples over three classes; per class, the samples containing it (each sample once per class):
@@ -110,3 +110,18 @@ def test_count_all_labels_and_errors():
         CBGSSampler(_dataset(LABELS), rank=2, world_size=2)
     with pytest.raises(ValueError, match="count"):
         CBGSSampler(_dataset(LABELS), count="names")
+
+
+def test_scene_shards_cover_every_sample_once_in_order_with_whole_scenes():
+    sizes = {"a": 5, "b": 2, "c": 4, "d": 1, "e": 3}
+    infos = [{"scene_token": scene} for scene, n in sizes.items() for _ in range(n)]
+    for world in (1, 2, 3, 7):
+        shards = [SceneShardSampler(infos, rank, world).indices for rank in range(world)]
+        assert sorted(i for shard in shards for i in shard) == list(range(len(infos)))
+        for shard in shards:
+            assert shard == sorted(shard)  # scenes, and samples within a scene, in info order
+            scenes = {infos[i]["scene_token"] for i in shard}
+            assert len(shard) == sum(sizes[s] for s in scenes)  # whole scenes only
+    # Largest first to the least loaded rank: a(5) -> 0, c(4) -> 1, e(3) -> 1, b(2) -> 0, d(1) -> 0.
+    assert [len(SceneShardSampler(infos, r, 2)) for r in range(2)] == [8, 7]
+    assert SceneShardSampler(infos, 6, 7).indices == []  # more ranks than scenes: some ranks idle

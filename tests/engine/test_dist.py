@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 
 from bevnext.engine import dist as bdist
 from bevnext.engine.dist import DistInfo, DistributedError, init_distributed
@@ -28,12 +28,6 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     yield monkeypatch
     bdist.cleanup_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ single process
@@ -106,7 +100,7 @@ def test_too_few_devices(clean_env):
         pytest.skip("needs CUDA")
     count = torch.cuda.device_count()
     env = {"WORLD_SIZE": str(count + 1), "RANK": str(count), "LOCAL_RANK": str(count)}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for name, value in env.items():
         clean_env.setenv(name, value)
     with pytest.raises(DistributedError, match="LOCAL_RANK"):
@@ -119,7 +113,7 @@ def test_two_process_gloo_group(tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     base.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 from torch import nn
 
 from bevnext.engine.ema import ModelEMA
@@ -98,17 +98,11 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(other.module.state_dict()[name], value, rtol=0, atol=0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_unwraps_ddp():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         net = _net()
         ddp = nn.parallel.DistributedDataParallel(net)

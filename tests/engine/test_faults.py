@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,33 +28,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, process_env
 
 from bevnext.engine.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("fault_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-               "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCH_DEVICE")
 STEPS = 6  # the straight run: epoch 1 (steps 1-4) and half of epoch 2
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses RLIMIT_FSIZE")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("FAULT_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.update(extra)
-    return env
-
-
 class _Proc:
     """A process in a session of its own (so that it can be stopped with everything it started), its
     stdout and stderr going to files (nothing blocks on a full pipe while the test polls the work dir)."""
@@ -65,8 +47,8 @@ class _Proc:
         self.cmd, self.name = [str(c) for c in cmd], name
         self.out_path, self.err_path = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.popen = subprocess.Popen(self.cmd, cwd=cwd, env=env or _env(), stdout=out, stderr=err,
-                                          start_new_session=True, preexec_fn=preexec_fn)
+            self.popen = subprocess.Popen(self.cmd, cwd=cwd, env=env or process_env(("FAULT_",)), stdout=out,
+                                          stderr=err, start_new_session=True, preexec_fn=preexec_fn)
 
     @property
     def pid(self) -> int:
@@ -316,7 +298,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_s
 @linux_only
 def test_torchrun_restart_after_worker_sigkill_finishes_the_run(tmp_path, tiny_synth_root, start):
     work = tmp_path / "work"
-    cmd = _torchrun(_free_port(), "--max-restarts", "1", "-m", "bevnext", "train", "tiny_stage1", "--work-dir",
+    cmd = _torchrun(free_port(), "--max-restarts", "1", "-m", "bevnext", "train", "tiny_stage1", "--work-dir",
                     str(work), "--device", "cpu", *_common(tiny_synth_root), f"train.max_iters={STEPS}",
                     "train.checkpoint_minutes=0.0001")
     proc = start(cmd, "torchrun")
@@ -368,7 +350,7 @@ def test_sigterm_saves_stops_and_resume_equals_uninterrupted_run(tmp_path, tiny_
 @linux_only
 def test_sigterm_to_torchrun_reaches_the_worker_which_saves(tmp_path, tiny_synth_root, start):
     work = tmp_path / "work"
-    cmd = _torchrun(_free_port(), "-m", "bevnext", "train", "tiny_stage1", "--work-dir", str(work), "--device", "cpu",
+    cmd = _torchrun(free_port(), "-m", "bevnext", "train", "tiny_stage1", "--work-dir", str(work), "--device", "cpu",
                     *_common(tiny_synth_root), f"train.max_iters={STEPS}")
     proc = start(cmd, "torchrun")
     proc.wait_until("step 2 in metrics.jsonl", lambda: _logged_step(work) >= 2, 600)
@@ -390,13 +372,13 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path, tiny_synth_root, start):
     """Two gloo ranks, 2 steps per epoch each; rank 1's step 2 returns NaN losses. Both ranks skip it (no
     optimizer or EMA update), count it, and end with identical parameters."""
     work = tmp_path / "work"
-    port = str(_free_port())
+    port = str(free_port())
     overrides = [*_common(tiny_synth_root), "train.max_iters=3"]
     procs = [
         start([sys.executable, str(WORKER), "train", str(tmp_path), str(work), "tiny_stage1", *overrides],
-              f"rank{r}", env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAULT_NAN_STEPS="2",
-                                   FAULT_NAN_RANK="1"))
+              f"rank{r}", env=process_env(("FAULT_",), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                          LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                          FAULT_NAN_STEPS="2", FAULT_NAN_RANK="1"))
         for r in range(2)
     ]
     for proc in procs:
@@ -431,7 +413,7 @@ def test_max_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, t
     cmd = [sys.executable, str(WORKER), "cli", "tiny_stage1", "--work-dir", str(work), "--device", "cpu",
            *_common(tiny_synth_root), f"train.max_iters={STEPS}", "train.max_bad_steps=2",
            "train.checkpoint_minutes=0.0001"]
-    proc = start(cmd, "nan", env=_env(FAULT_NAN_STEPS="2-", FAULT_NAN_RANK="0"))
+    proc = start(cmd, "nan", env=process_env(("FAULT_",), FAULT_NAN_STEPS="2-", FAULT_NAN_RANK="0"))
     assert proc.wait(600) == 2, proc.describe()
     last = work / "last.pth"
     line = _one_error_line(proc)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, process_env
 
 from bevnext.config.stages import stage2 as model_stage2
 from bevnext.config.stages import tiny
@@ -29,30 +29,12 @@ from bevnext.models.detector import build_model
 WORKER = Path(__file__).with_name("train_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = ROOT / "tests" / "models" / "reference"
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-               "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCH_DEVICE")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    if sys.platform.startswith("linux"):
-        # Gloo otherwise picks the interface its hostname resolves to, which in containers may not exist.
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.update(extra)
-    return env
-
-
 def _start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     # A session of its own, so that a timeout can stop the launcher together with its workers.
-    return subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=cwd, env=env or process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -113,10 +95,10 @@ def _assert_tensors_equal(a: dict, b: dict, what: str) -> None:
 def test_ddp_forward_syncs_gradients_and_module_loss_does_not(tmp_path):
     """Two gloo ranks, the same weights, different batches: ``ddp(batch)`` leaves identical gradients on both
     ranks (their mean), ``ddp.module.loss(batch)`` (the control, bypassing DDP's forward) leaves them different."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         _start([sys.executable, str(WORKER), "grads", str(tmp_path)], tmp_path,
-               _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               process_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
         for r in range(2)
     ]
@@ -149,7 +131,7 @@ def test_two_process_training_ends_with_identical_parameters(tmp_path, tiny_synt
     overrides = [*_data(tiny_synth_root), "train.max_iters=3", "train.num_workers=0", "train.log_every=1",
                  "runtime.device=cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), "train", str(tmp_path), str(work), "tiny_stage1",
+           "--master_port", str(free_port()), str(WORKER), "train", str(tmp_path), str(work), "tiny_stage1",
            *overrides]
     _finish([_start(cmd, tmp_path)], timeout=600)
     r0, r1 = (torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in range(2))
@@ -174,7 +156,7 @@ def test_two_process_training_ends_with_identical_parameters(tmp_path, tiny_synt
 def test_two_node_run_on_localhost(tmp_path, tiny_synth_root):
     """Two torchrun launchers (static rendezvous: --nnodes 2 --node_rank 0/1, one process each)."""
     work = tmp_path / "work"
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node_rank in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),

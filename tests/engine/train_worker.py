@@ -28,9 +28,9 @@ from bevnext.engine import dist as bdist
 
 def _grads(out_dir: Path) -> None:
     from bevnext.config.stages import tiny
-    from bevnext.data.synth.batches import ODD_PER_TASK, random_batch
     from bevnext.engine.trainer import _wrap
     from bevnext.models.detector import build_model
+    from bevnext.synth.batches import ODD_PER_TASK, random_batch
 
     info = bdist.init_distributed("cpu", timeout_s=60)
     torch.set_num_threads(1)

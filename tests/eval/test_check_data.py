@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from bevnext.errors import DataError
 from bevnext.eval.check_data import check_data
 from bevnext.eval.formatting import write_results
-from bevnext.eval.nusc_eval import evaluate_nusc
+from bevnext.eval.nusc_eval import evaluate_nusc, evaluate_results, load_split
 from bevnext.eval.visualize import clip_segments_near_plane, draw_sample, project_box_edges, project_to_image
 from bevnext.structures.boxes import CLASSES
 
@@ -168,12 +169,10 @@ VERSION = "v1.0-synth"
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    synth = pytest.importorskip("bevnext.data.synth")
-    infos = pytest.importorskip("bevnext.data.infos")
+def synth_root(tmp_path_factory, tiny_synth_root):
+    """A copy of the session's shared dataset with its info files: check_data writes into its data root."""
     root = tmp_path_factory.mktemp("synth") / "nuscenes"
-    synth.generate_dataset(root, scenes=4, samples_per_scene=5, image_size=(320, 180), seed=3, progress=False)
-    infos.create_infos(root, VERSION, progress=False)
+    shutil.copytree(tiny_synth_root, root)
     return root
 
 
@@ -227,6 +226,21 @@ def test_missing_samples_count_as_empty_and_empty_results_score_zero(checked, sy
     path = write_results(tmp_path / "none.json", {})
     metrics = evaluate_nusc(synth_root, VERSION, "synth_val", path, tmp_path / "none")
     assert metrics["mean_ap"] == 0.0 and metrics["map_classes_with_gt"] == 0.0
+
+
+@pytest.mark.slow
+def test_one_loaded_split_evaluates_several_results_files(checked, synth_root, tmp_path):
+    """``load_split`` once, ``evaluate_results`` per file: the same metrics as ``evaluate_nusc`` each time."""
+    target = load_split(synth_root, VERSION, "synth_val")
+    assert target.split == "synth_val" and len(target.sample_tokens) > 0
+    results_file = synth_root / "check_data" / "synth_val" / "results_nusc.json"
+    full = evaluate_results(target, results_file, tmp_path / "full")
+    expected = checked[0]
+    for key in ("mean_ap", "nd_score", "mean_dist_aps", "num_gt", "classes_with_gt", "map_classes_with_gt"):
+        assert full[key] == expected[key], key
+    assert (tmp_path / "full" / "metrics_summary.json").is_file()
+    empty = evaluate_results(target, write_results(tmp_path / "none.json", {}), tmp_path / "none")
+    assert empty["mean_ap"] == 0.0 and empty["num_gt"] == expected["num_gt"]
 
 
 @pytest.mark.slow

@@ -178,3 +178,41 @@ def test_format_metrics_lines_style():
     car_row = next(line for line in lines if line.startswith("car "))
     assert car_row.split()[:8] == ["car", "1.000", "0.010", "0.020", "0.030", "0.040", "nan", "7"]
     assert any(line.startswith("truck") and "(no GT)" in line for line in lines)
+
+
+def test_format_metrics_lines_full_layout_of_a_devkit_only_summary():
+    # A summary without our additions (num_gt, classes_with_gt, ...): GT counts print as "?", no class is
+    # marked "(no GT)", and the classes-with-GT mAP is nan. Every line, tabs and padding included.
+    tp = {"trans_err": 0.1, "scale_err": 0.2, "orient_err": 0.3, "vel_err": 0.4, "attr_err": 0.5}
+    metrics = {
+        "mean_ap": 0.5, "nd_score": 0.25, "tp_errors": tp,
+        "mean_dist_aps": {"car": 0.5, "barrier": 0.0},
+        "label_tp_errors": {"car": tp, "barrier": dict(tp, vel_err=float("nan"), attr_err=float("nan"))},
+    }
+    assert format_metrics_lines(metrics) == [
+        "mAP: 0.5000",
+        "mATE: 0.1000",
+        "mASE: 0.2000",
+        "mAOE: 0.3000",
+        "mAVE: 0.4000",
+        "mAAE: 0.5000",
+        "NDS: 0.2500",
+        "mAP (classes with ground truth): nan",
+        "",
+        "Per-class results:",
+        "Object Class        \tAP    \tATE   \tASE   \tAOE   \tAVE   \tAAE   \tGT",
+        "car                 \t0.500 \t0.100 \t0.200 \t0.300 \t0.400 \t0.500 \t?",
+        "barrier             \t0.000 \t0.100 \t0.200 \t0.300 \tnan   \tnan   \t?",
+    ]
+
+
+def test_per_class_table_lists_the_ap_at_each_match_distance():
+    tp = {"trans_err": 0.1, "scale_err": 0.2, "orient_err": 0.3, "vel_err": 0.4, "attr_err": 0.5}
+    metrics = {
+        "mean_ap": 0.5, "nd_score": 0.25, "tp_errors": tp, "mean_dist_aps": {"car": 0.5},
+        "label_aps": {"car": {"0.5": 0.125, "1.0": 0.25, "2.0": 0.75, "4.0": 0.875}},
+        "label_tp_errors": {"car": tp},
+    }
+    lines = format_metrics_lines(metrics)
+    assert lines[-2].split("\t")[:6] == ["Object Class        ", "AP    ", "AP@0.5", "AP@1.0", "AP@2.0", "AP@4.0"]
+    assert lines[-1].split()[:6] == ["car", "0.500", "0.125", "0.250", "0.750", "0.875"]

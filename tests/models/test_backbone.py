@@ -16,7 +16,7 @@ from reference_layout import reference_rows, state_rows
 from torch import nn
 
 from bevnext.errors import ConfigError
-from bevnext.models.backbone import ResNetBackbone, checkpoint_module, pretrained_weights_path
+from bevnext.models.backbone import ResNetBackbone, pretrained_weights_path
 from bevnext.models.image_neck import CustomFPN
 
 
@@ -85,25 +85,6 @@ def test_checkpointing_gives_identical_outputs_gradients_and_bn_statistics(depth
     for (k, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert int(ckpt.bn1.num_batches_tracked) == 1
-
-
-def test_checkpoint_module_keeps_dropout_masks_and_bn_stats():
-    torch.manual_seed(2)
-    block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
-    twin = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
-    twin.load_state_dict(block.state_dict())
-    x = torch.randn(2, 3, 5, 5, requires_grad=True)
-    torch.manual_seed(3)
-    out_a = block(x)
-    (gx_a,) = torch.autograd.grad(out_a.square().sum(), x)
-    torch.manual_seed(3)
-    out_b = checkpoint_module(twin, x)
-    (gx_b,) = torch.autograd.grad(out_b.square().sum(), x)
-    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
-    torch.testing.assert_close(gx_a, gx_b)
-    torch.testing.assert_close(block[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
-    assert int(twin[1].num_batches_tracked) == 1
-    assert twin[1].momentum == block[1].momentum  # restored after the recomputation
 
 
 @pytest.fixture

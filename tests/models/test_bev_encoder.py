@@ -14,8 +14,8 @@ from reference_layout import reference_rows, state_rows
 from torch import Tensor, nn
 
 from bevnext.errors import ConfigError
-from bevnext.models.bev_encoder import FPNLSS, BEVResNet, Res2Fusion
-from bevnext.models.res2fusion import Bottle2neck, FusionLayer, Res2Layer
+from bevnext.models.bev_encoder import FPNLSS, BEVResNet
+from bevnext.models.res2fusion import Bottle2neck, FusionLayer, Res2Fusion, Res2Layer
 
 
 def _numel(module: nn.Module) -> int:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from bevnext.errors import ConfigError
-from bevnext.models.decode import decode_boxes, decode_task, scale_nms
+from bevnext.models.decode import (
+    REFERENCE_TASK_DECODING,
+    DecodeConfig,
+    TaskDecoding,
+    decode_boxes,
+    decode_task,
+    post_center_range_for,
+    scale_nms,
+)
 from bevnext.models.heads import REG_BRANCHES
+from bevnext.models.oracle import oracle_head_outputs
 from bevnext.models.targets import TASKS, TargetBuilder
 
 REAL_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+
+
+def grid_cfg(pc_range, **kwargs) -> DecodeConfig:
+    """Decoding on a grid of 0.8 m cells starting at ``pc_range``'s lower corner (reference settings otherwise)."""
+    return DecodeConfig(grid_lower=(pc_range[0], pc_range[1]), cell_size=(0.8, 0.8), **kwargs)
+
+
+def rotate_task(iou_threshold, factors=(1.0, 1.0)) -> TaskDecoding:
+    """A two-class rotated-NMS task with the given per-class Scale-NMS factors."""
+    return TaskDecoding((8, 9), "rotate", iou_threshold, tuple(factors))
 
 
 def separated_boxes(generator, num, pc_range, spacing=10.0):
@@ -34,24 +54,9 @@ def separated_boxes(generator, num, pc_range, spacing=10.0):
 
 
 def perfect_predictions(targets, tail_scale=0.09):
-    """Head outputs that a perfect network would produce for these targets.
-
-    Heatmap: 1 at the centre cells, the Gaussian tails scaled below the 0.1 score threshold. Regression maps: the
-    target of each object written at its cell, zero elsewhere.
-    """
-    heatmaps, reg_preds = [], []
-    for task in targets:
-        peak = task.heatmap == 1
-        heatmaps.append(torch.where(peak, task.heatmap, task.heatmap * tail_scale))
-        b, _, grid_y, grid_x = task.heatmap.shape
-        maps = torch.zeros(b, 10, grid_y * grid_x, device=task.heatmap.device)
-        for i in range(b):
-            slots = task.mask[i]
-            maps[i][:, task.index[i][slots]] = task.reg_target[i][slots].T
-        maps = maps.reshape(b, 10, grid_y, grid_x)
-        split = torch.split(maps, list(REG_BRANCHES.values()), dim=1)
-        reg_preds.append(dict(zip(REG_BRANCHES, split)))
-    return heatmaps, reg_preds
+    """Head outputs of a perfect network after the sigmoid, with the Gaussian tails scaled below the 0.1 threshold."""
+    proposals, reg_preds = oracle_head_outputs(targets, tail_scale=tail_scale)
+    return [p["heatmap"].sigmoid() for p in proposals], reg_preds
 
 
 def assert_same_boxes(decoded, boxes, labels, atol=1e-4):
@@ -92,7 +97,7 @@ def test_encode_decode_round_trip_tiny_grid_drops_outside(device):
     all_boxes = torch.cat((boxes, outside)).to(device)
     targets = builder([all_boxes], [torch.cat((labels, torch.tensor([0]))).to(device)])
     heatmaps, reg_preds = perfect_predictions(targets)
-    (decoded,) = decode_boxes(heatmaps, reg_preds, point_cloud_range=pc_range, post_center_range=pc_range)
+    (decoded,) = decode_boxes(heatmaps, reg_preds, grid_cfg(pc_range, post_center_range=pc_range))
     assert all(t.device == all_boxes.device for t in decoded)
     assert_same_boxes(tuple(t.cpu() for t in decoded), boxes, labels)
 
@@ -114,16 +119,17 @@ def test_decode_task_hand_computed():
     preds["rot"][0, :, 2, 3] = torch.tensor([1.0, -1.0])  # sin, cos -> 135 degrees
     preds["vel"][0, :, 2, 3] = torch.tensor([2.0, -3.0])
     pc_range = (-2.0, -1.6, -5.0, 2.0, 1.6, 3.0)  # 0.8 m cells
-    ((boxes, scores, labels),) = decode_task(heatmap, preds, pc_range, (0.1, 0.1), 8, 0.1, None, topk=40)
+    ((boxes, scores, labels),) = decode_task(heatmap, preds, grid_cfg(pc_range, post_center_range=None, topk=40))
     assert labels.tolist() == [1] and scores.tolist() == [pytest.approx(0.8)]
     expected = torch.tensor([[(3 + 0.25) * 0.8 - 2.0, (2 + 0.75) * 0.8 - 1.6, -1.5, 4.0, 2.0, 1.5, 0.75 * math.pi,
                               2.0, -3.0]])
     torch.testing.assert_close(boxes, expected, rtol=0, atol=1e-5)
     # post_center_range drops the box when its centre leaves the range
-    (boxes, _, _), = decode_task(heatmap, preds, pc_range, (0.1, 0.1), 8, 0.1, (-5, -5, -1.0, 5, 5, 1), topk=40)
+    (boxes, _, _), = decode_task(heatmap, preds, grid_cfg(pc_range, post_center_range=(-5, -5, -1.0, 5, 5, 1), topk=40))
     assert boxes.shape == (0, 9)
     # topk larger than the map is fine; topk smaller keeps the best
-    ((boxes, scores, _),) = decode_task(heatmap, preds, pc_range, (0.1, 0.1), 8, 0.0, None, topk=2)
+    best_two = grid_cfg(pc_range, score_threshold=0.0, post_center_range=None, topk=2)
+    ((boxes, scores, _),) = decode_task(heatmap, preds, best_two)
     assert scores.tolist() == [pytest.approx(0.8), pytest.approx(0.1)]
 
 
@@ -136,8 +142,8 @@ def test_scale_nms_pedestrians_suppressed_only_with_rescale():
     boxes = torch.tensor([_box(10.0, 5.0, 0.7, 0.7), _box(10.3, 5.0, 0.7, 0.7)])
     scores = torch.tensor([0.9, 0.8])
     labels = torch.tensor([0, 0])
-    plain = scale_nms(boxes, scores, labels, "rotate", 0.5, 1.0)
-    scaled = scale_nms(boxes, scores, labels, "rotate", 0.5, (4.5, 9.0))
+    plain = scale_nms(boxes, scores, labels, rotate_task(0.5))
+    scaled = scale_nms(boxes, scores, labels, rotate_task(0.5, (4.5, 9.0)))
     assert plain.tolist() == [0, 1]
     assert scaled.tolist() == [0]
 
@@ -147,23 +153,24 @@ def test_scale_nms_per_class_factor_and_rotation():
     boxes = torch.tensor([_box(0.0, 0.0, 0.4, 0.4), _box(1.0, 0.0, 0.4, 0.4)])
     scores = torch.tensor([0.9, 0.8])
     factors = (4.5, 9.0)
-    assert scale_nms(boxes, scores, torch.tensor([0, 0]), "rotate", 0.5, factors).tolist() == [0, 1]
-    assert scale_nms(boxes, scores, torch.tensor([1, 1]), "rotate", 0.5, factors).tolist() == [0]
+    assert scale_nms(boxes, scores, torch.tensor([0, 0]), rotate_task(0.5, factors)).tolist() == [0, 1]
+    assert scale_nms(boxes, scores, torch.tensor([1, 1]), rotate_task(0.5, factors)).tolist() == [0]
     # the same pair rotated by 90 degrees about the origin, boxes and offset together: same decision
     rotated = torch.tensor([_box(0.0, 0.0, 0.4, 0.4, math.pi / 2), _box(0.0, 1.0, 0.4, 0.4, math.pi / 2)])
-    assert scale_nms(rotated, scores, torch.tensor([1, 1]), "rotate", 0.5, factors).tolist() == [0]
+    assert scale_nms(rotated, scores, torch.tensor([1, 1]), rotate_task(0.5, factors)).tolist() == [0]
     # length along the heading: two 4 x 1 cars 3 m apart along their heading overlap (IoU 1/7 > 0.1),
     # side by side 3 m apart they do not
     along = torch.tensor([_box(0.0, 0.0, 4.0, 1.0, 0.3), _box(3 * math.cos(0.3), 3 * math.sin(0.3), 4.0, 1.0, 0.3)])
     beside = torch.tensor([_box(0.0, 0.0, 4.0, 1.0, 0.3), _box(-3 * math.sin(0.3), 3 * math.cos(0.3), 4.0, 1.0, 0.3)])
-    assert scale_nms(along, scores, torch.tensor([0, 0]), "rotate", 0.1, 1.0).tolist() == [0]
-    assert scale_nms(beside, scores, torch.tensor([0, 0]), "rotate", 0.1, 1.0).tolist() == [0, 1]
+    assert scale_nms(along, scores, torch.tensor([0, 0]), rotate_task(0.1)).tolist() == [0]
+    assert scale_nms(beside, scores, torch.tensor([0, 0]), rotate_task(0.1)).tolist() == [0, 1]
 
 
 def test_circle_nms_barrier_uses_squared_distance():
     boxes = torch.tensor([_box(0.0, 0.0, 2.0, 0.5), _box(0.9, 0.0, 2.0, 0.5), _box(0.0, 1.1, 2.0, 0.5)])
     scores = torch.tensor([0.9, 0.8, 0.7])
-    keep = scale_nms(boxes, scores, torch.zeros(3, dtype=torch.long), "circle", 0.2, 1.1, circle_threshold=1.0)
+    barrier = TaskDecoding((5,), "circle", circle_threshold=1.0)
+    keep = scale_nms(boxes, scores, torch.zeros(3, dtype=torch.long), barrier)
     assert keep.tolist() == [0, 2]  # 0.81 m^2 <= 1 suppressed; 1.21 m^2 kept
 
 
@@ -197,7 +204,7 @@ def test_decode_boxes_labels_nms_and_gravity_centre():
     reg_preds[5]["height"][0, 0, 10, 11] = 0.8
     reg_preds[5]["dim"][0, :, 10, 11] = torch.log(torch.tensor([0.7, 0.7, 1.8]))
     reg_preds[5]["rot"][0, :, 10, 11] = torch.tensor([0.0, 1.0])
-    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, point_cloud_range=pc_range)
+    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, grid_cfg(pc_range))
     # task order: car, barrier, pedestrian, traffic cone; the second pedestrian is gone
     assert labels.tolist() == [0, 5, 8, 9]
     torch.testing.assert_close(scores, torch.tensor([0.7, 0.3, 0.9, 0.6]))
@@ -209,28 +216,38 @@ def test_decode_boxes_labels_nms_and_gravity_centre():
     torch.testing.assert_close(boxes[2, 2:6], torch.tensor([0.8, 0.7, 0.7, 1.8]), atol=1e-6, rtol=0)
     torch.testing.assert_close(boxes[3, 2:6], torch.tensor([-1.0, 0.4, 0.4, 0.9]), atol=1e-6, rtol=0)
     # without the rescale factors both pedestrians stay
-    factors = (1.0, (0.7, 0.7), (0.4, 0.55), 1.1, (1.0, 1.0), (1.0, 1.0))
-    (_, _, labels), = decode_boxes(heatmaps, reg_preds, point_cloud_range=pc_range, nms_rescale_factor=factors)
+    tasks = (*REFERENCE_TASK_DECODING[:5], dataclasses.replace(REFERENCE_TASK_DECODING[5], rescale_factors=(1.0, 1.0)))
+    (_, _, labels), = decode_boxes(heatmaps, reg_preds, grid_cfg(pc_range, tasks=tasks))
     assert labels.tolist() == [0, 5, 8, 8, 9]
 
 
 def test_decode_boxes_post_max_size_and_empty():
     pc_range = (-8.0, -8.0, -5.0, 8.0, 8.0, 3.0)
     heatmaps, reg_preds = _single_cell_preds((20, 20), [])
-    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, point_cloud_range=pc_range)
+    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, grid_cfg(pc_range))
     assert boxes.shape == (0, 9) and scores.shape == (0,) and labels.dtype == torch.long
     # ten well separated cars, at most 4 kept, the best ones
     heatmaps[0][0, 0, 2, 0:20:2] = torch.linspace(0.2, 0.65, 10)
     reg_preds[0]["dim"].zero_()
-    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, point_cloud_range=pc_range, post_max_size=4)
+    (boxes, scores, labels), = decode_boxes(heatmaps, reg_preds, grid_cfg(pc_range, post_max_size=4))
     torch.testing.assert_close(scores, torch.linspace(0.2, 0.65, 10)[-4:].flip(0))
 
 
-def test_decode_boxes_config_errors():
-    heatmaps, reg_preds = _single_cell_preds((4, 4), [])
+def test_decode_config_errors():
     with pytest.raises(ConfigError, match="nms_type"):
-        decode_boxes(heatmaps, reg_preds, nms_type=("rotate",) * 5 + ("square",))
-    with pytest.raises(ConfigError, match="nms_thr"):
-        decode_boxes(heatmaps, reg_preds, nms_thr=(0.2,) * 5)
-    with pytest.raises(ConfigError, match="nms_rescale_factor"):
-        decode_boxes(heatmaps, reg_preds, nms_rescale_factor=(1.0, 1.0, 1.0, 1.0, 1.0, (4.5,)))
+        TaskDecoding((8, 9), "square")
+    with pytest.raises(ConfigError, match="rescale_factors"):
+        TaskDecoding((8, 9), "rotate", 0.5, (4.5,))
+    with pytest.raises(ConfigError, match="tasks"):
+        DecodeConfig(tasks=(TaskDecoding((0, 1)), TaskDecoding((1, 2))))  # class 1 in two tasks
+    heatmaps, reg_preds = _single_cell_preds((4, 4), [])
+    with pytest.raises(ValueError, match="heatmaps has 6 entries for 5 tasks"):
+        decode_boxes(heatmaps, reg_preds, DecodeConfig(tasks=REFERENCE_TASK_DECODING[:5]))
+
+
+def test_reference_task_decoding_and_centre_range():
+    assert [t.classes for t in REFERENCE_TASK_DECODING] == [tuple(g) for g in TASKS]
+    assert [t.nms_type for t in REFERENCE_TASK_DECODING] == ["rotate"] * 3 + ["circle"] + ["rotate"] * 2
+    assert REFERENCE_TASK_DECODING[5].rescale_factors == (4.5, 9.0) and REFERENCE_TASK_DECODING[5].iou_threshold == 0.5
+    assert REFERENCE_TASK_DECODING[0].rescale_factors == (1.0,) and REFERENCE_TASK_DECODING[3].circle_threshold == 1.0
+    assert post_center_range_for(REAL_RANGE) == (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)

@@ -10,6 +10,7 @@ from torch import nn
 from bevnext.errors import ConfigError
 from bevnext.models.depth_net import DepthNet, camera_aware_input
 from bevnext.ops import deform_conv2d
+from bevnext.structures.cameras import CameraGeometry
 
 
 def test_camera_aware_input_order():
@@ -21,7 +22,7 @@ def test_camera_aware_input_order():
     bda = torch.arange(B, dtype=torch.float64).view(B, 1, 1) * 1000 + torch.arange(9, dtype=torch.float64).view(3, 3)
     rot = base + torch.arange(9, dtype=torch.float64).view(3, 3) + 31
     trans = base[..., 0] + torch.tensor([41.0, 42.0, 43.0], dtype=torch.float64)
-    out = camera_aware_input(intr, prot, ptrans, bda, rot, trans)
+    out = camera_aware_input(CameraGeometry(rot, trans, intr, prot, ptrans, bda))
     assert out.shape == (B, N, 27)
     for b in range(B):
         for n in range(N):
@@ -34,10 +35,20 @@ def test_camera_aware_input_order():
             assert out[b, n].tolist() == [float(v) for v in expected]
 
 
-def test_camera_aware_input_shape_errors():
+def test_camera_geometry_checks_shapes_once_and_frames():
     eye = torch.eye(3).expand(1, 2, 3, 3)
-    with pytest.raises(ValueError, match="bda"):
-        camera_aware_input(eye, eye, torch.zeros(1, 2, 3), torch.eye(3).expand(2, 3, 3), eye, torch.zeros(1, 2, 3))
+    zero = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match=r"bda must have shape \(1, 3, 3\)"):
+        CameraGeometry(eye, zero, eye, eye, zero, torch.eye(3).expand(2, 3, 3))
+    with pytest.raises(ValueError, match="post_trans"):
+        CameraGeometry(eye, zero, eye, eye, torch.zeros(1, 2, 2), torch.eye(3)[None])
+    frames = CameraGeometry(
+        eye[:, None].expand(1, 4, 2, 3, 3), zero[:, None].expand(1, 4, 2, 3), eye[:, None].expand(1, 4, 2, 3, 3),
+        eye[:, None].expand(1, 4, 2, 3, 3), zero[:, None].expand(1, 4, 2, 3), torch.eye(3)[None],
+    )
+    assert frames.num_frames == 4 and frames.frame(3).num_frames is None and frames.frame(3).num_cams == 2
+    with pytest.raises(ValueError, match="one frame's"):
+        camera_aware_input(frames)
 
 
 def randomise_(module: nn.Module, seed: int) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bevnext.config.stages import stage1, stage2
-from bevnext.data.synth.batches import ODD_PER_TASK, random_batch
 from bevnext.models.detector import build_model
+from bevnext.synth.batches import ODD_PER_TASK, random_batch
 
 pytestmark = pytest.mark.slow
 

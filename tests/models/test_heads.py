@@ -12,15 +12,12 @@ from reference_layout import reference_param_count, reference_rows, state_rows
 from torch import nn
 
 from bevnext.errors import ConfigError
-from bevnext.models.heads import (
-    REG_BRANCHES,
-    STAGE1_CODE_WEIGHTS,
-    CenterHeadProposal,
-    CenterHeadReg,
-    SeparateHead,
-    gather_cells,
-)
+from bevnext.models.heads import REG_BRANCHES, CenterHeadProposal, CenterHeadReg, SeparateHead, gather_cells
 from bevnext.models.targets import TASKS, TargetBuilder
+
+# The regression head takes its L1 weights from the caller (the model config); these are the reference's.
+STAGE1_WEIGHTS = (1.0,) * 8 + (0.2, 0.2)
+UNIFORM_WEIGHTS = (1.0,) * 10
 
 
 def _num_params(module: nn.Module) -> int:
@@ -36,7 +33,9 @@ def test_proposal_head_matches_reference_layout(stage):
 
 @pytest.mark.parametrize(("stage", "channels", "expected"), [(1, 80, 1_190_588), (2, 160, 1_236_668)])
 def test_reg_head_matches_reference_layout(stage, channels, expected):
-    head = CenterHeadReg(in_channels=channels, tasks=TASKS, head_channels=64, branches=REG_BRANCHES)
+    head = CenterHeadReg(
+        in_channels=channels, tasks=TASKS, head_channels=64, branches=REG_BRANCHES, code_weights=UNIFORM_WEIGHTS
+    )
     assert state_rows(head) == reference_rows(stage, "pts_bbox_head.")
     assert _num_params(head) == reference_param_count(stage, "pts_bbox_head.") == expected
 
@@ -47,7 +46,7 @@ def test_init_heatmap_bias_and_kaiming():
     for task_head, group in zip(head.task_heads, TASKS):
         last = task_head.heatmap[1]
         assert torch.equal(last.bias, torch.full((len(group),), -2.19))
-    reg = CenterHeadReg(in_channels=80)
+    reg = CenterHeadReg(in_channels=80, code_weights=UNIFORM_WEIGHTS)
     for module in reg.modules():
         if isinstance(module, nn.Conv2d) and module.bias is not None:
             assert torch.equal(module.bias, torch.zeros_like(module.bias))
@@ -65,7 +64,7 @@ def test_forward_shapes_tiny():
     proposal = CenterHeadProposal(in_channels=16, head_channels=8)
     out = proposal(x)
     assert [tuple(o["heatmap"].shape) for o in out] == [(2, len(g), 12, 10) for g in TASKS]
-    reg = CenterHeadReg(in_channels=16, head_channels=8)
+    reg = CenterHeadReg(in_channels=16, head_channels=8, code_weights=UNIFORM_WEIGHTS)
     out = reg(x)
     for task_out in out:
         assert list(task_out) == list(REG_BRANCHES)
@@ -83,7 +82,7 @@ def test_proposal_forward_real_shape():
 
 @pytest.mark.parametrize("channels", [80, 160])
 def test_reg_forward_real_shape(channels):
-    head = CenterHeadReg(in_channels=channels).eval()
+    head = CenterHeadReg(in_channels=channels, code_weights=UNIFORM_WEIGHTS).eval()
     with torch.no_grad():
         out = head(torch.randn(1, channels, 128, 128))
     assert len(out) == 6
@@ -139,7 +138,7 @@ def test_losses_reach_every_parameter():
     boxes, labels = _boxes_for_every_task()
     targets = builder([boxes, boxes[:0]], [labels, labels[:0]])
     proposal = CenterHeadProposal(in_channels=8, head_channels=8)
-    reg = CenterHeadReg(in_channels=6, head_channels=8, code_weights=STAGE1_CODE_WEIGHTS)
+    reg = CenterHeadReg(in_channels=6, head_channels=8, code_weights=STAGE1_WEIGHTS)
     x = torch.randn(2, 8, 16, 16)
     refined = torch.randn(2, 6, 16, 16)
     losses = proposal.loss(proposal(x), targets)
@@ -162,7 +161,7 @@ def test_losses_finite_without_boxes():
     empty = torch.zeros(0, 9)
     targets = builder([empty, empty], [torch.zeros(0, dtype=torch.long)] * 2)
     proposal = CenterHeadProposal(in_channels=4, head_channels=4)
-    reg = CenterHeadReg(in_channels=4, head_channels=4)
+    reg = CenterHeadReg(in_channels=4, head_channels=4, code_weights=UNIFORM_WEIGHTS)
     x = torch.randn(2, 4, 16, 16)
     heat = proposal.loss(proposal(x), targets)
     box = reg.loss(reg(x), targets)
@@ -178,7 +177,7 @@ def test_loss_uses_reduce_fn():
     boxes, labels = _boxes_for_every_task()
     targets = builder([boxes], [labels])
     proposal = CenterHeadProposal(in_channels=4, head_channels=4)
-    reg = CenterHeadReg(in_channels=4, head_channels=4)
+    reg = CenterHeadReg(in_channels=4, head_channels=4, code_weights=UNIFORM_WEIGHTS)
     x = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         heat_preds, reg_preds = proposal(x), reg(x)
@@ -201,7 +200,7 @@ def test_loss_uses_reduce_fn():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="branches"):
-        CenterHeadReg(in_channels=8, branches={"reg": 2, "height": 1})
+        CenterHeadReg(in_channels=8, branches={"reg": 2, "height": 1}, code_weights=UNIFORM_WEIGHTS)
     with pytest.raises(ConfigError, match="code_weights"):
         CenterHeadReg(in_channels=8, code_weights=(1.0,) * 8)
     with pytest.raises(ConfigError, match="tasks"):

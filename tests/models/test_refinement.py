@@ -10,7 +10,6 @@ import pytest
 import torch
 from reference_layout import reference_rows, state_rows
 
-from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.models.refinement import (
     MSDeformableAttention,
@@ -21,6 +20,7 @@ from bevnext.models.refinement import (
     project_reference_points,
 )
 from bevnext.ops import multi_scale_deformable_attn
+from bevnext.structures.cameras import CameraGeometry
 
 # Optical camera axes (x right, y down, z forward) expressed in an ego frame (x forward, y left, z up) for a
 # camera looking along +x: columns are the camera axes.
@@ -158,7 +158,7 @@ def test_projection_matches_hand_computed_pixels():
     bda[0] = flip_y
     size = (256, 704)
     points = pillar_centres((4, 5), (4.0, -2.0), (2.0, 1.0), (-0.5, 0.5, 1.5, 2.5))
-    uv, valid = project_reference_points(points, rot, trans, intr, prot, ptrans, bda, size)
+    uv, valid = project_reference_points(points, CameraGeometry(rot, trans, intr, prot, ptrans, bda), size)
     assert uv.shape == (2, 2, 4, 5, 4, 2) and valid.shape == (2, 2, 4, 5, 4)
 
     # Cell (iy=3, ix=2), height 0: augmented (9, 1.5, -0.5) -> un-flipped (9, -1.5, -0.5) -> minus the camera
@@ -178,7 +178,9 @@ def test_projection_matches_hand_computed_pixels():
     # The rear camera looks away from every pillar (all x > 4 m ahead of it): depth < 0, never valid.
     assert not bool(valid[:, 1].any())
     # Batch entries are independent: sample 1 equals a one-sample call.
-    uv1, valid1 = project_reference_points(points, rot[1:], trans[1:], intr[1:], prot[1:], ptrans[1:], bda[1:], size)
+    uv1, valid1 = project_reference_points(
+        points, CameraGeometry(rot[1:], trans[1:], intr[1:], prot[1:], ptrans[1:], bda[1:]), size
+    )
     torch.testing.assert_close(uv1[0], uv[1])
     assert torch.equal(valid1[0], valid[1])
 
@@ -190,7 +192,7 @@ def test_point_behind_camera_is_invalid_even_when_it_lands_in_the_image():
         (0.0,), [(0.0, 0.0, 0.0)], (1000.0, 1000.0), (750.0, 500.0), post_trans=torch.tensor([100.0, 50.0, 0])
     )
     behind = torch.tensor([[-2.0, -1.5, -1.0]])  # ego (x, y, z) of optical (1.5, 1.0, -2)
-    uv, valid = project_reference_points(behind, *cams, (256, 704))
+    uv, valid = project_reference_points(behind, CameraGeometry(*cams), (256, 704))
     assert bool(((uv > 0) & (uv < 1)).all()), uv
     assert not bool(valid.any())
 
@@ -210,7 +212,7 @@ def test_module_reference_points_are_row_major_cells():
     uv, valid = module.reference_points(CameraGeometry(*cams))
     assert uv.shape == (1, 1, 20, 4, 2)
     points = pillar_centres((4, 5), (4.0, -2.0), (2.0, 1.0), (-0.5, 0.5, 1.5, 2.5))
-    uv_grid, valid_grid = project_reference_points(points, *cams, (256, 704))
+    uv_grid, valid_grid = project_reference_points(points, CameraGeometry(*cams), (256, 704))
     torch.testing.assert_close(uv[0, 0, 3 * 5 + 2], uv_grid[0, 0, 3, 2])
     assert torch.equal(valid.view(1, 1, 4, 5, 4), valid_grid)
 
@@ -398,3 +400,14 @@ def test_real_stage1_shape():
     print(f"stage-1 PerspectiveRefinement forward (B=1, 6x32x88 -> 128x128x80): {time.perf_counter() - start:.2f} s")
     assert out.shape == (1, 80, 128, 128)
     assert torch.isfinite(out).all()
+
+
+def test_projection_ignores_autocast():
+    # Under bf16 autocast the camera matrices would be rounded to 8 mantissa bits (pixels of error at 704 px).
+    cams = CameraGeometry(*nuscenes_like_rig())
+    points = pillar_centres((16, 16), (-30.0, -30.0), (4.0, 4.0), (-1.0, 1.0))
+    uv, valid = project_reference_points(points, cams, (256, 704))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        uv_bf16, valid_bf16 = project_reference_points(points, cams, (256, 704))
+    assert valid.any() and torch.equal(valid, valid_bf16)
+    assert uv_bf16.dtype == torch.float32 and torch.equal(uv, uv_bf16)

@@ -10,16 +10,14 @@ import torch
 from reference_layout import reference_rows, state_rows
 from torch import nn
 
-from bevnext.data.batch import CameraGeometry
 from bevnext.errors import ConfigError
 from bevnext.models.depth_net import camera_aware_input
 from bevnext.models.view_transform import (
     LSSViewTransformer,
-    grid_from_bounds,
     lift_frustum,
     make_frustum,
-    num_depth_bins,
 )
+from bevnext.structures.cameras import CameraGeometry
 
 # Optical camera axes (x right, y down, z forward) in an ego frame (x forward, y left, z up) for a camera looking
 # along +x: the columns are the camera axes.
@@ -53,7 +51,7 @@ def rig(yaws, positions, f, cx, cy, batch=1, dtype=torch.float32):
 
 def test_reference_frustum():
     frustum = make_frustum((256, 704), 8, (1.0, 60.0, 0.5))
-    assert frustum.shape == (118, 32, 88, 3) and num_depth_bins((1.0, 60.0, 0.5)) == 118
+    assert frustum.shape == (118, 32, 88, 3)
     assert frustum[0, 0, 0].tolist() == [0.0, 0.0, 1.0]
     assert frustum[-1, -1, -1].tolist() == [703.0, 255.0, 59.5]
     assert frustum[5, 7, 11].tolist() == pytest.approx([11 * 703 / 87, 7 * 255 / 31, 3.5])
@@ -71,7 +69,7 @@ def test_lift_one_point_by_hand():
     ptrans = torch.tensor([-10.0, -5.0, 0.0], dtype=torch.float64).view(1, 1, 3)
     # BEV augmentation: rotate 90 degrees about z, then flip y.
     bda = (torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)) @ yaw(90.0)).view(1, 3, 3)
-    points = lift_frustum(frustum, rot, trans, intr, prot, ptrans, bda)
+    points = lift_frustum(frustum, CameraGeometry(rot, trans, intr, prot, ptrans, bda))
     assert points.shape == (1, 1, 4, 4, 8, 3)
     # By hand: original pixel (56, 72); camera point ((56-50)*4/100, (72-40)*4/100, 4) = (0.24, 1.28, 4);
     # ego = (4, -0.24, -1.28) + (1, 0.5, 1.6) = (5, 0.26, 0.32); rotate 90: (-0.26, 5, 0.32); flip y.
@@ -101,7 +99,7 @@ def test_lift_matches_batch_formula_with_rotated_augmentations():
             ptrans[b, n, :2] = torch.randn(2, generator=gen, dtype=torch.float64) * 5
     bda = torch.stack([yaw(30.0 * b + 10) * 1.1 for b in range(B)])
     bda[1, 1] *= -1
-    points = lift_frustum(frustum, rot, trans, intr, prot, ptrans, bda)
+    points = lift_frustum(frustum, CameraGeometry(rot, trans, intr, prot, ptrans, bda))
     for b in range(B):
         for n in range(N):
             for d, i, j in ((0, 0, 0), (2, 3, 5), (1, 2, 1)):
@@ -226,7 +224,7 @@ def test_mlp_extrinsics_override_feeds_only_the_depth_net():
     canvas = torch.randint(0, 256, (1, 2, 32, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         bev, prob, ctx = vt(feat, CameraGeometry(*cams), canvas, mlp_cams=CameraGeometry(key_rot, key_trans, *cams[2:]))
-        mlp = camera_aware_input(cams[2], cams[3], cams[4], cams[5], key_rot, key_trans).view(2, 27)
+        mlp = camera_aware_input(CameraGeometry(key_rot, key_trans, *cams[2:])).view(2, 27)
         logits, exp_ctx = vt.depth_net(feat, mlp)
         exp_prob = vt.crf(logits, canvas.view(2, 32, 64, 3))
         exp_bev = vt.splat(exp_prob, exp_ctx, CameraGeometry(*cams))
@@ -261,18 +259,6 @@ def test_full_size_forward():
 # -- configuration ----------------------------------------------------------------------------------------
 
 
-def test_grid_from_bounds():
-    assert grid_from_bounds([-51.2, 51.2, 0.8], [-51.2, 51.2, 0.8], [-5.0, 3.0, 8.0]) == (
-        (-51.2, -51.2, -5.0),
-        (0.8, 0.8, 8.0),
-        (128, 128, 1),
-    )
-    with pytest.raises(ConfigError, match="grid_x"):
-        grid_from_bounds([-51.2, 51.0, 0.8], [-51.2, 51.2, 0.8], [-5.0, 3.0, 8.0])
-    with pytest.raises(ConfigError, match="grid_z"):
-        grid_from_bounds([-51.2, 51.2, 0.8], [-51.2, 51.2, 0.8], [3.0, -5.0, 8.0])
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -296,3 +282,13 @@ def test_no_state_for_frustum():
     assert not any("frustum" in k for k in vt.state_dict())
     assert isinstance(vt.frustum, torch.Tensor) and vt.frustum.shape == (4, 4, 8, 3)
     assert isinstance(vt.depth_net, nn.Module)
+
+
+def test_lift_ignores_autocast():
+    # Under bf16 autocast the combined camera matrix would be rounded: decimetres at 50 m.
+    frustum = make_frustum((64, 176), 8, (1.0, 60.0, 5.0))
+    cams = CameraGeometry(*rig([0.0, 120.0], [(1.5, 0.0, 1.6), (0.0, 1.0, 1.6)], 300.0, 88.0, 32.0))
+    points = lift_frustum(frustum, cams)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        points_bf16 = lift_frustum(frustum, cams)
+    assert points_bf16.dtype == torch.float32 and torch.equal(points, points_bf16)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
+from mx_driving_standin import route_cpu_tensors_to_mx_driving
 
 from bevnext.ops import _dispatch
 from bevnext.ops.bev_pool import bev_pool, bev_pool_v3_unsupported_reason, voxelize_points
@@ -203,12 +206,43 @@ def test_chunk_size_invariance():
         torch.testing.assert_close(bev_pool(depth, feat, rd, rf, rb, shape, chunk_size=chunk), one, atol=1e-6, rtol=0)
 
 
-def test_forced_reference_gives_same_result(monkeypatch):
-    depth, feat, rd, rf, rb, shape = random_problem()
-    auto = bev_pool(depth, feat, rd, rf, rb, shape)
+def test_forced_reference_skips_an_available_fast_path(monkeypatch):
+    # An importable, applicable fast path: a module registered as ``mx_driving`` and the dispatch routing CPU
+    # tensors to it as it routes NPU tensors. It runs by default and never with BEVNEXT_OPS=reference.
+    calls = []
+
+    def bev_pool_v3(depth, feat, ranks_depth, ranks_feat, ranks_bev, bev_feat_shape):
+        calls.append(bev_feat_shape)
+        B, Z, Y, X, _ = bev_feat_shape
+        return bev_pool_oracle(depth, feat, ranks_depth, ranks_feat, ranks_bev, (B, Z, Y, X)).float()
+
+    fast = types.ModuleType("mx_driving")
+    fast.bev_pool_v3 = bev_pool_v3
+    monkeypatch.setitem(sys.modules, "mx_driving", fast)
+    route_cpu_tensors_to_mx_driving(monkeypatch)
+    depth, feat, rd, rf, rb, shape = random_problem(C=16)
+    want = bev_pool_oracle(depth, feat, rd, rf, rb, shape)
+    torch.testing.assert_close(bev_pool(depth, feat, rd, rf, rb, shape).double(), want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
     monkeypatch.setenv("BEVNEXT_OPS", "reference")
-    assert _dispatch.reference_forced()
-    torch.testing.assert_close(bev_pool(depth, feat, rd, rf, rb, shape), auto)
+    torch.testing.assert_close(bev_pool(depth, feat, rd, rf, rb, shape).double(), want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+
+
+def test_fast_path_shape_matches_oracle_and_float64_gradients(device):
+    # C a multiple of 8 in fp32: with TORCH_DEVICE=npu and mx_driving installed, bev_pool_v3's forward and
+    # backward against the float64 reference on the CPU.
+    depth, feat, rd, rf, rb, shape = random_problem(C=16, D=5, H=3, W=4, device=device)
+    d, f = depth.clone().requires_grad_(), feat.clone().requires_grad_()
+    out = bev_pool(d, f, rd, rf, rb, shape)
+    torch.testing.assert_close(out.cpu().double(), bev_pool_oracle(depth, feat, rd.cpu(), rf.cpu(), rb.cpu(), shape),
+                               atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out.backward(grad.to(device, out.dtype))
+    d64, f64 = (t.detach().cpu().double().requires_grad_() for t in (depth, feat))
+    bev_pool(d64, f64, rd.cpu(), rf.cpu(), rb.cpu(), shape).backward(grad)
+    torch.testing.assert_close(d.grad.cpu().double(), d64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f.grad.cpu().double(), f64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_input_validation():
@@ -235,6 +269,10 @@ def test_bev_pool_v3_constraint_checker():
     assert "360" in bev_pool_v3_unsupported_reason(368, bev, torch.float32)
     assert "2**31" in bev_pool_v3_unsupported_reason(256, (64, 1, 512, 512), torch.float32)
     assert bev_pool_v3_unsupported_reason(80, bev, torch.float64) is not None
+    # The kernel's int32 indices: depth elements (ranks_depth) and feat elements (ranks_feat * C).
+    assert bev_pool_v3_unsupported_reason(80, bev, torch.float32, depth_numel=2**31, feat_numel=2**31) is None
+    assert "ranks_depth" in bev_pool_v3_unsupported_reason(80, bev, torch.float32, depth_numel=2**31 + 1)
+    assert "ranks_feat" in bev_pool_v3_unsupported_reason(80, bev, torch.float32, feat_numel=2**31 + 80)
 
 
 class _FakeMx:

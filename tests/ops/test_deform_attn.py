@@ -76,10 +76,12 @@ def test_reference_matches_oracle(device, dtype, atol):
     assert_matches_oracle(out, inputs, atol=atol)
 
 
-def test_fast_path_shapes_match_oracle(device):
-    # Shapes the mx_driving kernel accepts (d % 8 == 0, heads <= 8): on an NPU this checks the fast path.
-    inputs = make_inputs(2, 2, 8, [(4, 6), (2, 3)], 4, 5, dtype=torch.float32, device=device)
-    assert msda_fast_path_unsupported(2, 8, 2, 4, torch.float32) is None
+@pytest.mark.parametrize("dim", [8, 3])
+def test_fast_path_shapes_match_oracle(device, dim):
+    # Shapes the mx_driving kernel accepts (heads <= 8, any head dim up to 256): with TORCH_DEVICE=npu and
+    # mx_driving installed this checks the kernel, its aligned and its unaligned (dim % 8 != 0) variant.
+    inputs = make_inputs(2, 2, dim, [(4, 6), (2, 3)], 4, 5, dtype=torch.float32, device=device)
+    assert msda_fast_path_unsupported(2, dim, 2, 4, torch.float32) is None
     assert_matches_oracle(multi_scale_deformable_attn(*inputs), inputs, atol=1e-5)
 
 
@@ -97,16 +99,24 @@ def test_locations_on_the_edges_and_pixel_centres():
 
 
 @pytest.mark.parametrize("dim", [10, 20])
-def test_bevnext_shapes_subset_against_oracle(dim):
-    # PerspectiveRefinement: 6 cameras, one 32x88 level, 8 heads, 8 points, head dim 10 (stage 1) / 20.
-    inputs = make_inputs(6, 8, dim, [(32, 88)], 8, 300, dtype=torch.float32, spread=0.02, seed=dim)
-    out = multi_scale_deformable_attn(*inputs)
+def test_bevnext_shapes_subset_against_oracle(device, dim):
+    # PerspectiveRefinement: 6 cameras, one 32x88 level, 8 heads, 8 points, head dim 10 (stage 1) / 20
+    # (stage 2). With TORCH_DEVICE=npu this is mx_driving's kernel at the model's shapes, forward and backward.
+    inputs = make_inputs(6, 8, dim, [(32, 88)], 8, 300, dtype=torch.float32, device=device, spread=0.02, seed=dim)
+    value, shapes, starts, locations, weights = (t.clone().requires_grad_(t.is_floating_point()) for t in inputs)
+    out = multi_scale_deformable_attn(value, shapes, starts, locations, weights)
     assert out.shape == (6, 300, 8 * dim)
     gen = torch.Generator().manual_seed(1)
     pairs = [
         (int(b), int(q)) for b, q in zip(torch.randint(6, (8,), generator=gen), torch.randint(300, (8,), generator=gen))
     ]
-    assert_matches_oracle(out, inputs, pairs=pairs, atol=1e-4)
+    assert_matches_oracle(out.detach(), inputs, pairs=pairs, atol=1e-4)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad.to(device))
+    cpu64 = [t.detach().cpu().double().requires_grad_() if t.is_floating_point() else t.cpu() for t in inputs]
+    deform_attn._msda_reference(*cpu64).backward(grad.double())
+    for got, want in zip((value.grad, locations.grad, weights.grad), (cpu64[0].grad, cpu64[3].grad, cpu64[4].grad)):
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=1e-4)
 
 
 def test_gradcheck(device):
@@ -151,32 +161,38 @@ def test_half_inputs_run_in_fp32_and_return_half(device):
 
 def test_constraint_checker():
     assert msda_fast_path_unsupported(8, 16, 1, 8, torch.float32) is None
-    assert msda_fast_path_unsupported(8, 256, 4, 16, torch.float16) is None
+    assert msda_fast_path_unsupported(8, 256, 4, 16, torch.float16) is None  # cast to the fp32 kernel
+    assert msda_fast_path_unsupported(8, 16, 1, 8, torch.bfloat16) is None
     assert "levels*points" in msda_fast_path_unsupported(8, 16, 5, 13, torch.float32)
     assert "heads" in msda_fast_path_unsupported(9, 16, 1, 8, torch.float32)
-    assert "head dim" in msda_fast_path_unsupported(8, 264, 1, 8, torch.float32)
-    # BEVNeXt stage 1 uses head dim 10: not a multiple of 8, so the kernel cannot take it.
-    assert "multiple of 8" in msda_fast_path_unsupported(8, 10, 1, 8, torch.float32)
+    assert "head dim" in msda_fast_path_unsupported(8, 257, 1, 8, torch.float32)
+    # BEVNeXt's head dims 10 (stage 1) and 20 (stage 2) take the kernel's unaligned variant.
+    assert msda_fast_path_unsupported(8, 10, 1, 8, torch.float32) is None
+    assert msda_fast_path_unsupported(8, 20, 1, 8, torch.float32) is None
     assert "dtype" in msda_fast_path_unsupported(8, 16, 1, 8, torch.float64)
 
 
 class _FakeMx:
-    """Stands in for mx_driving: records calls and answers with the reference."""
+    """Stands in for mx_driving: records calls, accepts only fp32 contiguous tensors, answers with the reference."""
 
     def __init__(self):
         self.calls = 0
 
-    def multi_scale_deformable_attn(self, *args):
+    def multi_scale_deformable_attn(self, value, shapes, starts, locations, weights):
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (value, locations, weights))
         self.calls += 1
-        return deform_attn._msda_reference(*args)
+        return deform_attn._msda_reference(value, shapes, starts, locations, weights)
 
 
 def test_dispatch_uses_fast_path_only_within_constraints(monkeypatch):
     fake = _FakeMx()
     monkeypatch.setattr(deform_attn, "fast_module", lambda op, device_type: fake)
-    ok = make_inputs(1, 2, 8, [(3, 4)], 2, 3, dtype=torch.float32)
+    ok = make_inputs(1, 2, 10, [(3, 4)], 2, 3, dtype=torch.float32)
     multi_scale_deformable_attn(*ok)
     assert fake.calls == 1
-    not_ok = make_inputs(1, 2, 10, [(3, 4)], 2, 3, dtype=torch.float32)
+    half = [t.half() if t.is_floating_point() else t for t in ok]
+    assert multi_scale_deformable_attn(*half).dtype == torch.float16
+    assert fake.calls == 2
+    not_ok = make_inputs(1, 9, 2, [(3, 4)], 2, 3, dtype=torch.float32)  # 9 heads
     out = multi_scale_deformable_attn(*not_ok)
-    assert fake.calls == 1 and out.shape == (1, 3, 20)
+    assert fake.calls == 2 and out.shape == (1, 3, 18)

@@ -187,25 +187,29 @@ def test_pack_forward_backward(device):
 def test_constraint_checker():
     assert deform_conv2d_fast_path_unsupported(256, 4, 1, torch.float32) is None  # BEVNeXt DCN, 64 per group
     assert deform_conv2d_fast_path_unsupported(64, 1, 1, torch.float32) is None
+    assert deform_conv2d_fast_path_unsupported(256, 32, 1, torch.float32) is None  # 8 per group
+    assert deform_conv2d_fast_path_unsupported(512, 1, 1, torch.float32) is None
     assert "deform_groups" in deform_conv2d_fast_path_unsupported(256, 1, 2, torch.float32)
     assert "multiple of 64" in deform_conv2d_fast_path_unsupported(96, 1, 1, torch.float32)
-    assert "multiple of 64" in deform_conv2d_fast_path_unsupported(256, 8, 1, torch.float32)
+    assert "per group" in deform_conv2d_fast_path_unsupported(256, 64, 1, torch.float32)  # 4 per group
+    assert "512" in deform_conv2d_fast_path_unsupported(576, 1, 1, torch.float32)
     assert "dtype" in deform_conv2d_fast_path_unsupported(256, 1, 1, torch.float16)
 
 
 class _FakeMx:
-    """Stands in for mx_driving: accepts only what the real kernel accepts, answers with the oracle."""
+    """Stands in for mx_driving: accepts only what the real kernel accepts, answers with the grid_sample reference."""
 
     def __init__(self):
         self.calls = 0
 
     def deform_conv2d(self, x, offset, weight, stride, padding, dilation, groups, deformable_groups):
-        assert groups == 1 and deformable_groups == 1 and x.shape[1] % 64 == 0
+        in_ch = x.shape[1]
+        assert deformable_groups == 1 and in_ch % 64 == 0 and in_ch <= 512 and (in_ch // groups) % 8 == 0
         self.calls += 1
-        return deform_conv._deform_conv2d_grid_sample(x, offset, weight, None, stride, padding, dilation, 1, 1)
+        return deform_conv._deform_conv2d_grid_sample(x, offset, weight, None, stride, padding, dilation, groups, 1)
 
 
-def test_dispatch_splits_groups_and_adds_bias(monkeypatch):
+def test_dispatch_passes_groups_and_adds_bias(monkeypatch):
     fake = _FakeMx()
     monkeypatch.setattr(deform_conv, "fast_module", lambda op, device_type: fake)
     gen = torch.Generator().manual_seed(0)
@@ -214,9 +218,29 @@ def test_dispatch_splits_groups_and_adds_bias(monkeypatch):
     weight = torch.randn(6, 64, 3, 3, generator=gen)
     bias = torch.randn(6, generator=gen)
     out = deform_conv2d(x, offset, weight, bias, groups=2)
-    assert fake.calls == 2
+    assert fake.calls == 1  # one kernel call with groups=2 (the wrapper hands groups to the kernel)
     expected = deform_conv._deform_conv2d_grid_sample(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), 2, 1)
     torch.testing.assert_close(out, expected)
-    # Not applicable (Cin per group 32): reference, no kernel call.
-    deform_conv2d(x, offset, torch.randn(4, 32, 3, 3), groups=4)
-    assert fake.calls == 2
+    # Not applicable (Cin per group 4): reference, no kernel call.
+    deform_conv2d(x, offset, torch.randn(32, 4, 3, 3), groups=32)
+    assert fake.calls == 1
+
+
+@pytest.mark.parametrize("in_ch, groups", [(64, 1), (256, 4)])
+def test_fast_path_shapes_match_float64_reference(device, in_ch, groups):
+    # Shapes mx_driving's kernel takes (Cin a multiple of 64, 256 in 4 groups as in BEVNeXt's depth net): with
+    # TORCH_DEVICE=npu and mx_driving installed, its forward and backward against the CPU float64 reference.
+    assert deform_conv2d_fast_path_unsupported(in_ch, groups, 1, torch.float32) is None
+    case = (2, in_ch, 6, 7, 16, (3, 3), (1, 1), (1, 1), (1, 1), groups, 1, True)
+    tensors, kwargs = make_case(case, dtype=torch.float32, device=device, seed=in_ch)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = deform_conv2d(*leaves, **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad.to(device))
+    cpu64 = [t.detach().cpu().double().requires_grad_() for t in tensors]
+    args = (kwargs["stride"], kwargs["padding"], kwargs["dilation"], groups, 1)
+    want = deform_conv._deform_conv2d_grid_sample(*cpu64, *args)
+    want.backward(grad.double())
+    for got, ref in zip([out] + [t.grad for t in leaves], [want] + [t.grad for t in cpu64]):
+        scale = max(1.0, float(ref.detach().abs().max()))
+        torch.testing.assert_close(got.detach().cpu().double(), ref.detach(), atol=2e-5 * scale, rtol=1e-4)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bevnext.data.synth.ground import HALF_WIDTH, PERIOD, GroundTexture
-from bevnext.data.synth.raycast import slab_interval
-from bevnext.data.synth.world import SceneWorld
 from bevnext.structures.transforms import RigidTransform
+from bevnext.synth.ground import HALF_WIDTH, PERIOD, GroundTexture
+from bevnext.synth.raycast import slab_interval
+from bevnext.synth.world import SceneWorld
 
 N_BEAMS = 32
 ELEVATIONS_DEG = np.linspace(-30.67, 10.67, N_BEAMS)

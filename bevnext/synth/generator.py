@@ -6,26 +6,29 @@ that is renamed into place only when complete, so a failure leaves nothing at ``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
-from bevnext.data.synth.camera_rig import CAMERA_CHANNELS, LIDAR_CHANNEL
-from bevnext.data.synth.ground import GroundTexture, map_png
-from bevnext.data.synth.lidar import LidarCaster, LidarScan
-from bevnext.data.synth.render import CameraRenderer
-from bevnext.data.synth.tables import Tables, floats, make_token, visibility_token
-from bevnext.data.synth.world import SceneWorld, build_world
 from bevnext.errors import BevnextError
 from bevnext.io import staging_dir
 from bevnext.structures.boxes import attribute_for
 from bevnext.structures.transforms import yaw_to_quat
+from bevnext.synth.camera_rig import CAMERA_CHANNELS, LIDAR_CHANNEL
+from bevnext.synth.ground import GroundTexture, map_png
+from bevnext.synth.lidar import LidarCaster, LidarScan
+from bevnext.synth.render import CameraRenderer
+from bevnext.synth.tables import Tables, floats, make_token, visibility_token
+from bevnext.synth.world import SceneWorld, build_world
 
 VERSION = "v1.0-synth"
 """The nuScenes version name of synthetic datasets (tables live in ``<root>/v1.0-synth``)."""
@@ -63,6 +66,10 @@ class SynthSpec:
         )
 
 
+Stage = Literal["world", "render", "lidar", "jpeg", "tables"]
+"""A timed stage of generation: a float field of ``Timings``."""
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage (and counts), filled in by ``generate``."""
@@ -75,6 +82,19 @@ class Timings:
     images: int = 0
     sweeps: int = 0
     annotations: int = 0
+
+    @contextlib.contextmanager
+    def measure(self, stage: Stage) -> Iterator[None]:
+        """Add the wall-clock seconds spent in the ``with`` block to ``stage``."""
+        start = time.perf_counter()
+        yield
+        setattr(self, stage, getattr(self, stage) + time.perf_counter() - start)
+
+
+class _Progress(Protocol):
+    """The part of a tqdm bar the generator uses: one ``update`` per written sample."""
+
+    def update(self, n: float = 1) -> object: ...
 
 
 def _is_int(value: object) -> bool:
@@ -133,7 +153,7 @@ def _check_out(out: Path) -> None:
 
 
 def generate(out: str | Path, spec: SynthSpec, progress: bool = True, timings: Timings | None = None) -> Path:
-    """Write a synthetic nuScenes dataset (see ``bevnext.data.synth.generate_dataset``).
+    """Write a synthetic nuScenes dataset (see ``bevnext.synth.generate_dataset``).
 
     Args:
         out: data root to create; must not exist or be an empty folder.
@@ -160,31 +180,44 @@ def generate(out: str | Path, spec: SynthSpec, progress: bool = True, timings: T
     return out
 
 
-def _write_dataset(root: Path, spec: SynthSpec, timings: Timings, bar: object) -> None:
+def _write_dataset(root: Path, spec: SynthSpec, timings: Timings, bar: _Progress) -> None:
+    """Write every scene's files and records into ``root``, then the tables and ``splits.json``."""
     tables = Tables()
+    _add_sensors(tables)
+    _make_folders(root)
+    names = []
+    for index in range(spec.scenes):
+        with timings.measure("world"):
+            world = spec.world(index)
+        _write_scene(root, spec, world, tables, timings, bar)
+        names.append(world.name)
+    with timings.measure("tables"):
+        _write_tables(root / VERSION, tables, spec, names)
+
+
+def _add_sensors(tables: Tables) -> None:
+    """One ``sensor`` record per channel: the six cameras, then the LiDAR."""
     for channel in (*CAMERA_CHANNELS, LIDAR_CHANNEL):
         modality = "lidar" if channel == LIDAR_CHANNEL else "camera"
         tables.add("sensor", token=make_token("sensor", channel), channel=channel, modality=modality)
+
+
+def _make_folders(root: Path) -> None:
+    """``samples/<channel>`` for every sensor, ``sweeps/LIDAR_TOP`` (only the LiDAR has sweeps) and ``maps``."""
     for folder in ("samples", "sweeps"):
         for channel in (*CAMERA_CHANNELS, LIDAR_CHANNEL):
             if folder == "sweeps" and channel != LIDAR_CHANNEL:
                 continue
             (root / folder / channel).mkdir(parents=True, exist_ok=True)
     (root / "maps").mkdir()
-    names = []
-    for index in range(spec.scenes):
-        t0 = time.perf_counter()
-        world = spec.world(index)
-        timings.world += time.perf_counter() - t0
-        _write_scene(root, spec, world, tables, timings, bar)
-        names.append(world.name)
-    t0 = time.perf_counter()
-    table_dir = root / VERSION
+
+
+def _write_tables(table_dir: Path, tables: Tables, spec: SynthSpec, scene_names: list[str]) -> None:
+    """The JSON tables and ``splits.json``: the first scenes are ``synth_train``, the last ``n_val`` val."""
     tables.write(table_dir)
     n_train = spec.scenes - spec.n_val
-    splits = {TRAIN_SPLIT: names[:n_train], VAL_SPLIT: names[n_train:]}
+    splits = {TRAIN_SPLIT: scene_names[:n_train], VAL_SPLIT: scene_names[n_train:]}
     (table_dir / "splits.json").write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
-    timings.tables += time.perf_counter() - t0
 
 
 def _chain(records: list[dict]) -> None:
@@ -194,103 +227,178 @@ def _chain(records: list[dict]) -> None:
         b["prev"] = a["token"]
 
 
-def _write_scene(root: Path, spec: SynthSpec, world: SceneWorld, tables: Tables, timings: Timings,
-                 bar: object) -> None:
-    seed, name = spec.seed, world.name
-    tl = world.timeline
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class _SceneSensors:
+    """What produces one scene's sensor data: a renderer per camera (in rig order) and the LiDAR caster."""
+
+    renderers: list[CameraRenderer]
+    caster: LidarCaster
+
+
+def _build_sensors(world: SceneWorld) -> _SceneSensors:
+    # One ground texture per scene, shared by every camera and the LiDAR.
     texture = GroundTexture(world.road, world.texture_seed, world.ground_gain)
     renderers = [CameraRenderer(world, c, texture) for c in range(len(world.rig.cameras))]
-    caster = LidarCaster(world, texture)
-    timings.world += time.perf_counter() - t0
+    return _SceneSensors(renderers, LidarCaster(world, texture))
 
-    log_token = make_token(seed, name, "log")
-    date = datetime.datetime.fromtimestamp(tl.start_us / 1e6, tz=datetime.timezone.utc)
-    tables.add("log", token=log_token, logfile=f"synth-{seed}-{name}-{date:%Y-%m-%d-%H-%M-%S}+0000",
+
+@dataclass
+class _SceneRecords:
+    """The records of one scene written so far, kept to link them and annotate the scene at the end."""
+
+    seed: int
+    world: SceneWorld
+    tables: Tables
+    calib_tokens: dict[str, str]
+    """channel -> token of its ``calibrated_sensor`` record."""
+    scene_token: str
+    samples: list[dict] = field(default_factory=list)
+    """The ``sample`` records, in time order."""
+    chains: dict[str, list[dict]] = field(
+        default_factory=lambda: {channel: [] for channel in (*CAMERA_CHANNELS, LIDAR_CHANNEL)}
+    )
+    """channel -> its ``sample_data`` records (linked by ``prev`` / ``next`` at the end)."""
+    key_scans: list[LidarScan] = field(default_factory=list)
+    """The key-frame LiDAR scan of each sample (points on each object, visibility)."""
+    key_ego_xy: list[np.ndarray] = field(default_factory=list)
+    """(2,) global x, y of the ego at each sample's key (LiDAR) time."""
+
+    def add_sample(self, index: int, timestamp: int) -> str:
+        """Add the ``sample`` record of key frame ``index`` at ``timestamp`` (us); returns its token."""
+        token = make_token(self.seed, self.world.name, "sample", index)
+        record = self.tables.add("sample", token=token, timestamp=timestamp, prev="", next="",
+                                 scene_token=self.scene_token)
+        self.samples.append(record)
+        return token
+
+    def add_sample_data(self, channel: str, sample_token: str, timestamp: int, key: bool, filename: str,
+                        width: int, height: int) -> None:
+        """Add one sensor reading: the ego pose at ``timestamp`` (us) and its ``sample_data`` record."""
+        tl = self.world.timeline
+        token = make_token(self.seed, self.world.name, "sample_data", channel, timestamp)
+        translation, quat = self.world.ego.pose_record(tl.seconds(timestamp))
+        self.tables.add("ego_pose", token=token, timestamp=int(timestamp), rotation=floats(quat),
+                        translation=floats(translation))
+        record = self.tables.add(
+            "sample_data", token=token, sample_token=sample_token, ego_pose_token=token,
+            calibrated_sensor_token=self.calib_tokens[channel], timestamp=int(timestamp),
+            fileformat="pcd" if channel == LIDAR_CHANNEL else "jpg", is_key_frame=key, height=height,
+            width=width, filename=filename, prev="", next="",
+        )
+        self.chains[channel].append(record)
+
+
+def _write_scene(root: Path, spec: SynthSpec, world: SceneWorld, tables: Tables, timings: Timings,
+                 bar: _Progress) -> None:
+    """Write one scene: log, map, calibrations, each sample's sensor data, then the scene and annotations."""
+    with timings.measure("world"):
+        sensors = _build_sensors(world)
+    log_token = _add_log(spec.seed, world, tables)
+    _write_map(root, spec.seed, world, tables, log_token)
+    calib_tokens = _add_calibrations(spec.seed, world, tables)
+    records = _SceneRecords(spec.seed, world, tables, calib_tokens, make_token(spec.seed, world.name, "scene"))
+    for index in range(spec.samples_per_scene):
+        _write_sample(root, records, sensors, index, timings)
+        bar.update(1)
+    with timings.measure("tables"):
+        count = _finish_scene(records, log_token)
+    timings.annotations += count
+
+
+def _add_log(seed: int, world: SceneWorld, tables: Tables) -> str:
+    """Add the scene's ``log`` record (one log per scene); returns its token."""
+    log_token = make_token(seed, world.name, "log")
+    date = datetime.datetime.fromtimestamp(world.timeline.start_us / 1e6, tz=datetime.timezone.utc)
+    tables.add("log", token=log_token, logfile=f"synth-{seed}-{world.name}-{date:%Y-%m-%d-%H-%M-%S}+0000",
                vehicle="synth-car", date_captured=f"{date:%Y-%m-%d}", location="synth-town")
-    map_token = make_token(seed, name, "map")
+    return log_token
+
+
+def _write_map(root: Path, seed: int, world: SceneWorld, tables: Tables, log_token: str) -> None:
+    """Write the log's semantic map PNG under ``maps/`` and its ``map`` record."""
+    map_token = make_token(seed, world.name, "map")
     (root / "maps" / f"{map_token}.png").write_bytes(map_png(world.road))
     tables.add("map", category="semantic_prior", token=map_token, filename=f"maps/{map_token}.png",
                log_tokens=[log_token])
 
+
+def _add_calibrations(seed: int, world: SceneWorld, tables: Tables) -> dict[str, str]:
+    """Add the ``calibrated_sensor`` records of the scene's rig (cameras, then LiDAR); channel -> token."""
     calib_tokens = {}
     for cam in world.rig.cameras:
-        token = make_token(seed, name, "calibrated_sensor", cam.channel)
+        token = make_token(seed, world.name, "calibrated_sensor", cam.channel)
         calib_tokens[cam.channel] = token
         tables.add("calibrated_sensor", token=token, sensor_token=make_token("sensor", cam.channel),
                    translation=floats(cam.sensor2ego.translation), rotation=floats(cam.rotation_wxyz),
                    camera_intrinsic=[floats(row) for row in cam.intrinsic])
     lidar_calib = world.rig.lidar
-    calib_tokens[LIDAR_CHANNEL] = make_token(seed, name, "calibrated_sensor", LIDAR_CHANNEL)
+    calib_tokens[LIDAR_CHANNEL] = make_token(seed, world.name, "calibrated_sensor", LIDAR_CHANNEL)
     tables.add("calibrated_sensor", token=calib_tokens[LIDAR_CHANNEL],
                sensor_token=make_token("sensor", LIDAR_CHANNEL),
                translation=floats(lidar_calib.sensor2ego.translation),
                rotation=floats(lidar_calib.rotation_wxyz), camera_intrinsic=[])
+    return calib_tokens
 
-    scene_token = make_token(seed, name, "scene")
-    samples: list[dict] = []
-    chains: dict[str, list[dict]] = {ch: [] for ch in (*CAMERA_CHANNELS, LIDAR_CHANNEL)}
-    key_scans: list[LidarScan] = []
-    key_ego_xy: list[np.ndarray] = []
 
-    def sample_data(channel: str, sample_token: str, timestamp: int, key: bool, filename: str,
-                    width: int, height: int) -> dict:
-        token = make_token(seed, name, "sample_data", channel, timestamp)
-        translation, quat = world.ego.pose_record(tl.seconds(timestamp))
-        tables.add("ego_pose", token=token, timestamp=int(timestamp), rotation=floats(quat),
-                   translation=floats(translation))
-        record = tables.add("sample_data", token=token, sample_token=sample_token, ego_pose_token=token,
-                            calibrated_sensor_token=calib_tokens[channel], timestamp=int(timestamp),
-                            fileformat="pcd" if channel == LIDAR_CHANNEL else "jpg", is_key_frame=key,
-                            height=height, width=width, filename=filename, prev="", next="")
-        chains[channel].append(record)
-        return record
+def _write_sample(root: Path, records: _SceneRecords, sensors: _SceneSensors, index: int,
+                  timings: Timings) -> None:
+    """Key frame ``index``: its ``sample`` record, the LiDAR sweeps before it, its key scan and six images."""
+    world = records.world
+    tl = world.timeline
+    key_us = int(tl.key_us[index])
+    sample_token = records.add_sample(index, key_us)
+    if index > 0:  # sweeps lie between the previous key frame and this one
+        for ts in tl.sweep_us[index]:
+            with timings.measure("lidar"):
+                _write_scan(root, records, sensors.caster, int(ts), sample_token, key=False)
+            timings.sweeps += 1
+    with timings.measure("lidar"):
+        scan = _write_scan(root, records, sensors.caster, key_us, sample_token, key=True)
+    records.key_scans.append(scan)
+    records.key_ego_xy.append(world.ego.pose_record(tl.seconds(key_us))[0][:2])
+    for c, renderer in enumerate(sensors.renderers):
+        _write_image(root, records, renderer, int(tl.camera_us[index, c]), sample_token, timings)
 
-    def write_scan(timestamp: int, sample_token: str, key: bool) -> LidarScan:
-        t1 = time.perf_counter()
-        scan = caster.cast(timestamp)
-        folder = "samples" if key else "sweeps"
-        filename = f"{folder}/{LIDAR_CHANNEL}/{name}__{LIDAR_CHANNEL}__{timestamp}.pcd.bin"
-        scan.points.tofile(root / filename)
-        sample_data(LIDAR_CHANNEL, sample_token, timestamp, key, filename, 0, 0)
-        timings.lidar += time.perf_counter() - t1
-        return scan
 
-    for i in range(spec.samples_per_scene):
-        sample_token = make_token(seed, name, "sample", i)
-        key_us = int(tl.key_us[i])
-        samples.append(tables.add("sample", token=sample_token, timestamp=key_us, prev="", next="",
-                                  scene_token=scene_token))
-        if i > 0:
-            for ts in tl.sweep_us[i]:
-                write_scan(int(ts), sample_token, key=False)
-                timings.sweeps += 1
-        key_scans.append(write_scan(key_us, sample_token, key=True))
-        key_ego_xy.append(world.ego.pose_record(tl.seconds(key_us))[0][:2])
-        for c, renderer in enumerate(renderers):
-            channel = renderer.calib.channel
-            ts = int(tl.camera_us[i, c])
-            t1 = time.perf_counter()
-            image = renderer.render(ts).rgb
-            t2 = time.perf_counter()
-            filename = f"samples/{channel}/{name}__{channel}__{ts}.jpg"
-            Image.fromarray(image).save(root / filename, format="JPEG", quality=JPEG_QUALITY)
-            timings.render += t2 - t1
-            timings.jpeg += time.perf_counter() - t2
-            timings.images += 1
-            sample_data(channel, sample_token, ts, True, filename, renderer.width, renderer.height)
-        bar.update(1)  # type: ignore[attr-defined]
+def _write_scan(root: Path, records: _SceneRecords, caster: LidarCaster, timestamp: int, sample_token: str,
+                key: bool) -> LidarScan:
+    """Cast the LiDAR at ``timestamp`` (us), write its ``.pcd.bin`` (float32 (N, 5)) and its records."""
+    scan = caster.cast(timestamp)
+    folder = "samples" if key else "sweeps"
+    filename = f"{folder}/{LIDAR_CHANNEL}/{records.world.name}__{LIDAR_CHANNEL}__{timestamp}.pcd.bin"
+    scan.points.tofile(root / filename)
+    records.add_sample_data(LIDAR_CHANNEL, sample_token, timestamp, key, filename, 0, 0)
+    return scan
 
-    t0 = time.perf_counter()
-    _chain(samples)
-    for records in chains.values():
-        records.sort(key=lambda r: r["timestamp"])
-        _chain(records)
-    tables.add("scene", token=scene_token, log_token=log_token, nbr_samples=len(samples),
-               first_sample_token=samples[0]["token"], last_sample_token=samples[-1]["token"], name=name,
-               description=_describe(world))
-    timings.annotations += _annotate(world, tables, seed, samples, key_scans, key_ego_xy)
-    timings.tables += time.perf_counter() - t0
+
+def _write_image(root: Path, records: _SceneRecords, renderer: CameraRenderer, timestamp: int,
+                 sample_token: str, timings: Timings) -> None:
+    """Render one camera at its own ``timestamp`` (us), write the JPEG and its records."""
+    channel = renderer.calib.channel
+    with timings.measure("render"):
+        image = renderer.render(timestamp).rgb
+    filename = f"samples/{channel}/{records.world.name}__{channel}__{timestamp}.jpg"
+    with timings.measure("jpeg"):
+        Image.fromarray(image).save(root / filename, format="JPEG", quality=JPEG_QUALITY)
+    timings.images += 1
+    records.add_sample_data(channel, sample_token, timestamp, True, filename, renderer.width, renderer.height)
+
+
+def _finish_scene(records: _SceneRecords, log_token: str) -> int:
+    """Link the scene's records in time order, add its ``scene`` record and annotations.
+
+    Returns:
+        The number of ``sample_annotation`` records added.
+    """
+    _chain(records.samples)
+    for chain in records.chains.values():
+        chain.sort(key=lambda r: r["timestamp"])
+        _chain(chain)
+    world, samples = records.world, records.samples
+    records.tables.add("scene", token=records.scene_token, log_token=log_token, nbr_samples=len(samples),
+                       first_sample_token=samples[0]["token"], last_sample_token=samples[-1]["token"],
+                       name=world.name, description=_describe(world))
+    return _annotate(world, records.tables, records.seed, samples, records.key_scans, records.key_ego_xy)
 
 
 def _describe(world: SceneWorld) -> str:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bevnext.data.synth import world as W
-from bevnext.data.synth.ground import HALF_WIDTH, PERIOD, RES, TILE_L, TILE_S, GroundTexture
-from bevnext.data.synth.raycast import slab_interval
 from bevnext.structures.transforms import RigidTransform
+from bevnext.synth import world as W
+from bevnext.synth.ground import HALF_WIDTH, PERIOD, RES, TILE_L, TILE_S, GroundTexture
+from bevnext.synth.raycast import slab_interval
 
 GROUND = -1
 """Object-id buffer value of ground pixels."""

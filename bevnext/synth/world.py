@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bevnext.data.synth.camera_rig import Rig, make_rig
 from bevnext.structures.boxes import CLASSES
 from bevnext.structures.transforms import RigidTransform, quat_to_rotmat, yaw_to_quat
+from bevnext.synth.camera_rig import Rig, make_rig
 
 KEY_INTERVAL_US = 500_000
 """Key frames at 2 Hz."""

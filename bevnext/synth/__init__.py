@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bevnext.data.synth.generator import TRAIN_SPLIT, VAL_SPLIT, VERSION, generate, validate_args
+from bevnext.synth.generator import TRAIN_SPLIT, VAL_SPLIT, VERSION, generate, validate_args
 
 
 def generate_dataset(

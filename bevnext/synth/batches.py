@@ -7,13 +7,15 @@ the model on these batches to separate the step from data loading.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import torch
 
 from bevnext.config.model import ModelConfig
-from bevnext.data.batch import Batch
+from bevnext.structures.batch import Batch
+from bevnext.structures.cameras import CameraGeometry
 
 # nuScenes-like ring: yaw of each camera's optical axis about +z (CAM_FRONT, FRONT_RIGHT, FRONT_LEFT,
 # BACK, BACK_LEFT, BACK_RIGHT), degrees.
@@ -74,15 +76,55 @@ def random_batch(
     gt_depth[torch.rand(batch_size, n, h, w, generator=g) > 0.05] = 0.0  # sparse, some out of range
     return Batch(
         images=torch.randn(batch_size, f, n, 3, h, w, generator=g),
-        cam2key_rot=rot,
-        cam2key_trans=tr,
-        intrinsics=k[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
-        post_rot=post_rot[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
-        post_trans=post_trans[None, None, None].expand(batch_size, f, n, 3).clone(),
-        bda=torch.eye(3)[None].expand(batch_size, 3, 3).clone(),
+        cams=CameraGeometry(
+            cam2key_rot=rot,
+            cam2key_trans=tr,
+            intrinsics=k[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
+            post_rot=post_rot[None, None, None].expand(batch_size, f, n, 3, 3).clone(),
+            post_trans=post_trans[None, None, None].expand(batch_size, f, n, 3).clone(),
+            bda=torch.eye(3)[None].expand(batch_size, 3, 3).clone(),
+        ),
         canvas=torch.randint(0, 256, (batch_size, n, h, w, 3), generator=g, dtype=torch.uint8),
         gt_depth=gt_depth,
         gt_boxes=gt_boxes,
         gt_labels=gt_labels,
         metas=[{"token": f"sample-{i}"} for i in range(batch_size)],
     )
+
+
+def random_scene_batches(cfg: ModelConfig, scene_lengths: Sequence[int] = (4,), seed: int = 0) -> list[Batch]:
+    """Batches of one sample each that form scenes, as the test pipeline delivers them in order.
+
+    Every key frame has its own random images; sample ``t`` of a scene carries frames ``t, t-1, ...`` with the
+    scene's first sample repeated where the scene has fewer (as the dataset does), each frame with the images
+    of the sample it is, the ego moving 1 m forward per sample, and ``meta["frame_tokens"]`` naming them.
+
+    Args:
+        cfg: the model config (input size, frame count).
+        scene_lengths: number of samples of each scene.
+        seed: seed of the images and boxes.
+
+    Returns:
+        ``sum(scene_lengths)`` batches in scene order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    template = random_batch(cfg, batch_size=1, seed=seed)
+    batches = []
+    for s, length in enumerate(scene_lengths):
+        tokens = [f"scene{s}-sample{t}" for t in range(length)]
+        images = [torch.randn(template.images.shape[2:], generator=g) for _ in range(length)]
+        for t in range(length):
+            frames = [max(t - f, 0) for f in range(cfg.num_frames)]
+            trans = template.cams.cam2key_trans.clone()
+            for f, j in enumerate(frames):
+                # frame 0 from random_batch sits at the key frame; frame j of the scene is t - j metres back
+                trans[:, f, :, 0] = template.cams.cam2key_trans[:, 0, :, 0] - (t - j)
+            cams = dataclasses.replace(template.cams, cam2key_trans=trans)
+            batches.append(dataclasses.replace(
+                template,
+                images=torch.stack([images[j] for j in frames])[None],
+                cams=cams,
+                canvas=template.canvas.clone(),
+                metas=[{"token": tokens[t], "frame_tokens": [tokens[j] for j in frames]}],
+            ))
+    return batches

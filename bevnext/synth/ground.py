@@ -15,7 +15,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from bevnext.data.synth.world import Road
+from bevnext.synth.world import Road
 
 RES = 0.05
 """Texel size, metres."""
