@@ -83,16 +83,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="base seed (default runtime.seed = 0)")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load_run(args: argparse.Namespace, *flag_overrides: str):
+    """The run of ``args.config`` with its ``key=value`` overrides, then ``--device`` and the other flags'."""
     from bevnext.config.run import load_run
+
+    device = [f"runtime.device={args.device}"] if args.device is not None else []
+    return load_run(args.config, [*args.overrides, *device, *flag_overrides])
+
+
+def _train(args: argparse.Namespace) -> int:
     from bevnext.engine.trainer import train
 
-    overrides = list(args.overrides)
-    if args.device is not None:
-        overrides.append(f"runtime.device={args.device}")
-    if args.seed is not None:
-        overrides.append(f"runtime.seed={args.seed}")
-    run = load_run(args.config, overrides)
+    run = _load_run(args, *([f"runtime.seed={args.seed}"] if args.seed is not None else []))
     work_dir = args.work_dir or Path("work_dirs") / run.name
     train(run, work_dir, load_from=args.load_from, resume=args.resume)
     return 0
@@ -121,17 +123,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bevnext.config.run import load_run
     from bevnext.engine.evaluate import evaluate_checkpoint
 
-    overrides = list(args.overrides)
-    if args.device is not None:
-        overrides.append(f"runtime.device={args.device}")
-    if args.no_history_reuse:
-        overrides.append("eval.reuse_history=false")
     if args.show < 0:
         raise BevnextError(f"--show {args.show}: expected a number of samples >= 0")
-    run = load_run(args.config, overrides)
+    run = _load_run(args, *(["eval.reuse_history=false"] if args.no_history_reuse else []))
     work_dir = args.work_dir or args.checkpoint.parent / f"eval_{args.checkpoint.stem}"
     evaluate_checkpoint(run, args.checkpoint, work_dir, split=args.split, show=args.show)
     return 0

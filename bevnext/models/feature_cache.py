@@ -67,7 +67,8 @@ class ImageFeatureCache:
                 self._features[tokens[i]] = computed[k * num_cams:(k + 1) * num_cams]
         self.misses += len(todo)
         self.hits += len(tokens) - len(todo)
-        return torch.cat([self._features[token] for token in tokens])
+        kept = [self._features[token] for token in tokens]
+        return kept[0] if len(kept) == 1 else torch.cat(kept)  # batch 1 (the eval default): no copy
 
     def keep_only(self, tokens: Iterable[str]) -> None:
         """Forget every frame not in ``tokens`` (call after each batch with all its frame tokens)."""

@@ -39,10 +39,11 @@ def oracle_head_outputs(
     proposals, regression = [], []
     for task in targets:
         peak = task.heatmap == 1
-        tail = (task.heatmap * tail_scale).clamp(1e-12, 1 - 1e-6)
-        logits = torch.where(peak, torch.full_like(tail, CONFIDENT_LOGIT), torch.logit(tail))
         if tail_scale == 0:
-            logits = torch.where(peak, logits, torch.full_like(tail, -CONFIDENT_LOGIT))
+            elsewhere = torch.full_like(task.heatmap, -CONFIDENT_LOGIT)
+        else:
+            elsewhere = torch.logit((task.heatmap * tail_scale).clamp(1e-12, 1 - 1e-6))
+        logits = torch.where(peak, torch.full_like(task.heatmap, CONFIDENT_LOGIT), elsewhere)
         proposals.append({"heatmap": logits})
         b, _, grid_y, grid_x = task.heatmap.shape
         maps = task.heatmap.new_zeros(b, task.reg_target.shape[-1], grid_y * grid_x)
