@@ -29,9 +29,20 @@ def test_top_level_help_lists_contract():
         assert name in out.stdout
 
 
-def test_pending_subcommand_says_so_plainly(capsys):
-    assert main(["demo"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_demo_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--work-dir" in out and "--budget-minutes" in out and "--seed" in out
+    assert "work_dirs/demo" in out
+
+
+def test_demo_bad_budget_is_a_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--work-dir", str(tmp_path / "d"), "--budget-minutes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--budget-minutes" in err
+    assert not (tmp_path / "d").exists()
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):

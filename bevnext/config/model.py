@@ -30,6 +30,8 @@ class ModelConfig:
         context_channels: C, the BEV feature width (``numC_Trans``: 80 stage 1, 160 stage 2).
         num_frames: key frame + previous key frames fed to the BEV encoder (1 stage 1, 9 stage 2).
         backbone_depth: image ResNet depth (50; 18 for tiny test configs).
+        backbone_base_channels: width of the ResNet's first stage (64, as every ImageNet ResNet; the later stages
+            double it); smaller values only without pretrained weights.
         backbone_with_cp: activation checkpointing in the image backbone (reference: on).
         pretrained: ``"auto"`` = ImageNet weights from the torch hub cache when present, a path, or None.
         require_pretrained: make missing pretrained weights an error instead of a warning.
@@ -58,6 +60,7 @@ class ModelConfig:
     context_channels: int = 80
     num_frames: int = 1
     backbone_depth: int = 50
+    backbone_base_channels: int = 64
     backbone_with_cp: bool = True
     pretrained: str | None = "auto"
     require_pretrained: bool = False
@@ -135,6 +138,12 @@ class ModelConfig:
                               "splits it into row and column halves)")
         if self.num_frames < 1:
             raise ConfigError(f"model.num_frames={self.num_frames} must be >= 1")
+        if self.backbone_base_channels < 8 or self.backbone_base_channels % 8:
+            raise ConfigError(f"model.backbone_base_channels={self.backbone_base_channels} must be a positive "
+                              "multiple of 8")
+        if self.backbone_base_channels != 64 and self.pretrained is not None:
+            raise ConfigError(f"model.backbone_base_channels={self.backbone_base_channels}: ImageNet weights exist "
+                              "for 64 only; set model.pretrained=None to train a narrower backbone from scratch")
         if self.bev_encoder not in ("resnet", "res2fusion"):
             raise ConfigError(f"model.bev_encoder={self.bev_encoder!r}: expected 'resnet' or 'res2fusion'")
         if self.bev_encoder == "res2fusion" and self.num_frames % 3:

@@ -290,10 +290,10 @@ class _Style:
         # Predictions at least 2 px wider than the ground truth on top of them, so that a prediction that
         # matches its ground truth still shows its colour on both sides of the white line.
         line = max(3, round(ph / 110))
-        return cls(font=_font(max(12, round(ph / 24))), line=line, gt_line=max(1, line - 2), pad=2)
+        return cls(font=sized_font(max(12, round(ph / 24))), line=line, gt_line=max(1, line - 2), pad=2)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def sized_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """A scalable font of ``size`` pixels where Pillow can give one, else its small bitmap font."""
     try:
         return ImageFont.load_default(size=size)
@@ -605,4 +605,5 @@ __all__ = [
     "key_ego_to_camera",
     "project_box_edges",
     "project_to_image",
+    "sized_font",
 ]

@@ -113,6 +113,7 @@ class ResNetBackbone(nn.Module):
         with_cp: bool = False,
         pretrained: str | Path | None = "auto",
         require_pretrained: bool = False,
+        base_channels: int = 64,
     ) -> None:
         super().__init__()
         if depth not in _ARCH:
@@ -130,14 +131,18 @@ class ResNetBackbone(nn.Module):
         kind, blocks = _ARCH[depth]
         block: type[BasicBlock] | type[Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        if base_channels < 8 or base_channels % 8:
+            raise ConfigError(f"base_channels must be a multiple of 8, got {base_channels}")
+        if base_channels != 64 and pretrained is not None:
+            raise ConfigError(f"base_channels={base_channels}: ImageNet weights exist for 64 only; use pretrained=None")
+        self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_channels = 64
+        in_channels = base_channels
         self.out_channels: list[int] = []
         for i, num_blocks in enumerate(blocks):
-            planes = 64 * 2**i
+            planes = base_channels * 2**i
             layer = self._make_layer(block, in_channels, planes, num_blocks, stride=1 if i == 0 else 2)
             self.add_module(f"layer{i + 1}", layer)
             in_channels = planes * block.expansion

@@ -223,6 +223,7 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
         with_cp=cfg.backbone_with_cp,
         pretrained=cfg.pretrained,
         require_pretrained=cfg.require_pretrained,
+        base_channels=cfg.backbone_base_channels,
     )
     view = LSSViewTransformer(
         in_channels=cfg.image_neck_channels,

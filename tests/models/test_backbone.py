@@ -59,6 +59,16 @@ def test_resnet18_strides_and_channels():
     assert [tuple(o.shape) for o in partial(torch.randn(2, 3, 64, 96))] == [(2, 128, 8, 12)]
 
 
+def test_narrow_resnet_scales_every_stage_width():
+    net = ResNetBackbone(depth=18, out_indices=(1, 2, 3), pretrained=None, base_channels=32).eval()
+    with torch.no_grad():
+        outs = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 8, 12), (1, 128, 4, 6), (1, 256, 2, 3)]
+    assert net.out_channels == [64, 128, 256]
+    full = ResNetBackbone(depth=18, pretrained=None)
+    assert sum(p.numel() for p in net.parameters()) < 0.3 * sum(p.numel() for p in full.parameters())
+
+
 def _train_step(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     net.zero_grad(set_to_none=True)
     outs = net(x)
@@ -147,11 +157,12 @@ def test_missing_pretrained_weights_warn_once_or_raise(hub_dir, caplog):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"depth": 42}, "depth"), ({"out_indices": (3, 1)}, "out_indices"), ({"out_indices": (4,)}, "out_indices")],
+    [({"depth": 42}, "depth"), ({"out_indices": (3, 1)}, "out_indices"), ({"out_indices": (4,)}, "out_indices"),
+     ({"base_channels": 12}, "multiple of 8"), ({"base_channels": 32, "pretrained": "auto"}, "ImageNet weights")],
 )
 def test_backbone_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ResNetBackbone(pretrained=None, **{"depth": 18, **kwargs})
+        ResNetBackbone(**{"depth": 18, "pretrained": None, **kwargs})
 
 
 # -- CustomFPN ------------------------------------------------------------------------------------------------
