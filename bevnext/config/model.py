@@ -49,8 +49,13 @@ class ModelConfig:
             (points up to one cell below the lower bound land in cell 0); False uses floor.
         bev_encoder: ``"resnet"`` (stage 1) or ``"res2fusion"`` (stage 2).
         bev_channels: the three BEV encoder stage widths.
+        bev_strides: strides of the three BEV encoder stages (2, 2, 2). The neck upsamples the third stage's output
+            onto the first's by ``strides[1] * strides[2]`` and the result back onto the grid by ``strides[0]``, so
+            ``(1, 2, 2)`` keeps the first stage at the grid's resolution.
         bev_neck_channels: FPN_LSS output width (256).
         head_channels: task-head conv width (64).
+        heatmap_init_std: None = the reference's Kaiming init of the heatmap logits' conv; a value draws its weights
+            from N(0, std^2), so that training starts from uniform logits at the prior (for short runs).
         refine_heads / refine_points / refine_pillar_z: perspective refinement attention settings.
         code_weights: per-component L1 weights [x, y, z, l, w, h, sin, cos, vx, vy].
         reg_loss_weight / depth_loss_weight: loss weights (0.25 and 3.0).
@@ -79,8 +84,10 @@ class ModelConfig:
     truncate_voxel_index: bool = True
     bev_encoder: str = "resnet"
     bev_channels: tuple[int, int, int] = (160, 320, 640)
+    bev_strides: tuple[int, int, int] = (2, 2, 2)
     bev_neck_channels: int = 256
     head_channels: int = 64
+    heatmap_init_std: float | None = None
     refine_heads: int = 8
     refine_points: int = 8
     refine_pillar_z: tuple[float, float, float] = (-5.0, 3.0, 1.0)
@@ -144,6 +151,14 @@ class ModelConfig:
         if self.backbone_base_channels != 64 and self.pretrained is not None:
             raise ConfigError(f"model.backbone_base_channels={self.backbone_base_channels}: ImageNet weights exist "
                               "for 64 only; set model.pretrained=None to train a narrower backbone from scratch")
+        if self.heatmap_init_std is not None and not self.heatmap_init_std > 0:
+            raise ConfigError(f"model.heatmap_init_std={self.heatmap_init_std}: expected a positive value or None")
+        if len(self.bev_strides) != 3 or min(self.bev_strides) < 1:
+            raise ConfigError(f"model.bev_strides={self.bev_strides}: expected three strides >= 1")
+        total = math.prod(self.bev_strides)
+        if any(n % total for n in self.grid_size[:2]):
+            raise ConfigError(f"model.bev_strides={self.bev_strides}: the BEV grid {self.grid_size[:2]} is not "
+                              f"divisible by their product {total}")
         if self.bev_encoder not in ("resnet", "res2fusion"):
             raise ConfigError(f"model.bev_encoder={self.bev_encoder!r}: expected 'resnet' or 'res2fusion'")
         if self.bev_encoder == "res2fusion" and self.num_frames % 3:

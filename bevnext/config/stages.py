@@ -28,6 +28,12 @@ Deliberate differences, none of which changes what the model computes beyond flo
 * Heatmap target cells use floor instead of truncation (out-of-range centres are range-filtered anyway);
   zero-height boxes are skipped instead of producing an infinite loss.
 * Decoding takes one top-k over classes x cells (the reference: per class, then overall; ties may differ).
+* Options the reference does not have, off in both stage presets (the defaults reproduce the reference) and
+  used by the demo's short CPU runs: ``model.backbone_base_channels`` (a narrower image ResNet, without
+  pretrained weights), ``model.heatmap_init_std`` (heatmap logits start uniform at the prior instead of spread by
+  the Kaiming init) and ``model.bev_strides`` (e.g. ``(1, 2, 2)``: the BEV encoder's first stage at the grid's
+  resolution, the neck without its final upsampling). With the ground-truth heatmaps fed in as the BEV features,
+  the last two together bring the tiny model's heatmap loss after 120 steps of 8 samples from 2.9 to 0.3.
 * On NPU, deformable attention with 10 / 20 channels per head runs mx_driving's kernel, as in Ascend's own
   port, although its documentation asks for a multiple of 8: in mx-driving 26.2.0.post2 neither the Python
   wrapper nor its compiled layer checks that (the latter checks at most 256 channels and levels x points

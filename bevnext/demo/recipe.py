@@ -16,6 +16,10 @@ Why these settings (measured on a 2-core CPU, tiny presets, synthetic scenes):
 * No loader workers: loading a batch takes about 0.1 s (0.2 s with stage 2's three frames), and both cores are
   better spent on the step than shared with a worker process.
 * No class-balanced resampling: an epoch is one pass over the scenes, which keeps the schedule readable.
+* Heatmap logits that start uniform at the prior (``model.heatmap_init_std=0.001``) and a BEV encoder whose first
+  stage keeps the grid's resolution (``model.bev_strides=[1,2,2]``): given the ground-truth heatmaps as its BEV
+  input, the tiny model's heatmap loss after 120 steps is 0.3 with both and 2.9 with the reference's init and
+  strides, so the detection side stops being the slow part of a short run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from bevnext.config.run import RunConfig, load_run
 
 BATCH_SIZE = 8
 """Samples per optimizer step in both stages."""
-STAGE1_SHARE = 0.6
+STAGE1_SHARE = 0.5
 """Share of the training time that goes to stage 1; stage 2 starts from its image network and fine-tunes."""
 
 
@@ -74,6 +78,8 @@ def stage_overrides(stage: int, data_root: str, steps: int, spec: DatasetSpec = 
         f"data.src_size=[{spec.image_size[0]},{spec.image_size[1]}]",
         "data.cbgs=false",
         "model.backbone_base_channels=32",
+        "model.heatmap_init_std=0.001",
+        "model.bev_strides=[1,2,2]",
         f"train.batch_size={BATCH_SIZE}",
         "train.lr=2e-3",
         "train.ema_decay=0.99",

@@ -245,9 +245,14 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
     )
     bev_in = c * grid_z
     if cfg.bev_encoder == "resnet":
-        bev_backbone: nn.Module = BEVResNet(bev_in * cfg.num_frames, [2, 2, 2], [2, 2, 2], list(cfg.bev_channels))
+        bev_backbone: nn.Module = BEVResNet(
+            bev_in * cfg.num_frames, [2, 2, 2], list(cfg.bev_strides), list(cfg.bev_channels)
+        )
     else:
-        bev_backbone = Res2Fusion(in_channels=bev_in, num_frames=cfg.num_frames, channels=cfg.bev_channels)
+        bev_backbone = Res2Fusion(
+            in_channels=bev_in, num_frames=cfg.num_frames, channels=cfg.bev_channels, strides=cfg.bev_strides
+        )
+    first_stride, *later_strides = cfg.bev_strides
     ch = cfg.bev_channels
     voxel = (cfg.bev_cell[0] / _HEAD_STRIDE, cfg.bev_cell[1] / _HEAD_STRIDE)
     targets = TargetBuilder(
@@ -264,7 +269,12 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
         img_neck=CustomFPN(backbone.out_channels, cfg.image_neck_channels),
         img_view_transformer=view,
         img_bev_encoder_backbone=bev_backbone,
-        img_bev_encoder_neck=FPNLSS(ch[0] + ch[2], cfg.bev_neck_channels),
+        img_bev_encoder_neck=FPNLSS(
+            ch[0] + ch[2],
+            cfg.bev_neck_channels,
+            scale_factor=later_strides[0] * later_strides[1],
+            extra_upsample=first_stride if first_stride > 1 else None,
+        ),
         pre_process_net=BEVResNet(bev_in, [2], [1], [bev_in]),
         transformer_neck=PerspectiveRefinement(
             c,
@@ -277,7 +287,9 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
             num_points=cfg.refine_points,
             image_size=cfg.input_size,
         ),
-        proposal_head=CenterHeadProposal(cfg.bev_neck_channels, TASKS, head_channels=cfg.head_channels),
+        proposal_head=CenterHeadProposal(
+            cfg.bev_neck_channels, TASKS, head_channels=cfg.head_channels, heatmap_init_std=cfg.heatmap_init_std
+        ),
         depth_emb=make_depth_embedding(depth_bins, c),
         target_builder=targets,
         num_frames=cfg.num_frames,

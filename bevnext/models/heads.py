@@ -61,6 +61,9 @@ class SeparateHead(nn.Module):
         num_convs: convs per branch including the last (2).
         init_bias: initial bias of the last conv of a ``"heatmap"`` branch (-2.19: sigmoid ~ 0.1, so the
             untrained heatmap starts near the background rate instead of 0.5).
+        heatmap_init_std: None keeps the reference's Kaiming init of that conv's weights (initial logits spread by
+            several units around the bias); a value draws them from N(0, std^2) instead, so that every cell starts
+            at the bias (CenterNet's choice).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class SeparateHead(nn.Module):
         final_kernel: int = 3,
         num_convs: int = 2,
         init_bias: float = -2.19,
+        heatmap_init_std: float | None = None,
     ) -> None:
         super().__init__()
         check_config(len(branches) > 0, "SeparateHead: branches must name at least one output")
@@ -93,6 +97,8 @@ class SeparateHead(nn.Module):
             _init_conv(last)
             if name == "heatmap":
                 nn.init.constant_(last.bias, init_bias)
+                if heatmap_init_std is not None:
+                    nn.init.normal_(last.weight, std=heatmap_init_std)
             layers.append(last)
             self.add_module(name, nn.Sequential(*layers))
 
@@ -125,6 +131,7 @@ class CenterHeadProposal(nn.Module):
         head_channels: shared conv and branch width (64).
         final_kernel: branch conv kernel size (3).
         init_bias: initial bias of the heatmap logits (-2.19).
+        heatmap_init_std: see ``SeparateHead`` (None: the reference's Kaiming init).
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class CenterHeadProposal(nn.Module):
         head_channels: int = 64,
         final_kernel: int = 3,
         init_bias: float = -2.19,
+        heatmap_init_std: float | None = None,
     ) -> None:
         super().__init__()
         check_tasks(tasks)
@@ -141,7 +149,8 @@ class CenterHeadProposal(nn.Module):
         self.tasks = tuple(tuple(group) for group in tasks)
         self.shared_conv = _head_conv(in_channels, head_channels, 3)
         self.task_heads = nn.ModuleList(
-            SeparateHead(head_channels, {"heatmap": len(group)}, head_channels, final_kernel, 2, init_bias)
+            SeparateHead(head_channels, {"heatmap": len(group)}, head_channels, final_kernel, 2, init_bias,
+                         heatmap_init_std)
             for group in self.tasks
         )
 

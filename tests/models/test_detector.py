@@ -139,8 +139,42 @@ def test_history_frames_get_no_gradient_path():
         ({"context_channels": 84}, "model.context_channels"),
         ({"context_channels": 368}, "model.context_channels=368 must be a multiple of 8 and at most 360"),
         ({"num_frames": 4, "bev_encoder": "res2fusion"}, "model.num_frames"),
+        ({"bev_strides": (1, 2, 0)}, "model.bev_strides"),
+        ({"bev_strides": (4, 4, 4)}, "model.bev_strides=(4, 4, 4): the BEV grid (32, 32) is not divisible"),
+        ({"heatmap_init_std": 0.0}, "model.heatmap_init_std"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_the_key(change, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)")):
         build_model(dataclasses.replace(tiny(1), **change))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_full_resolution_first_bev_stage_keeps_every_map_on_the_grid(stage):
+    """``bev_strides=(1, 2, 2)``: the first encoder stage stays on the 32 x 32 grid, the neck adds no upsampling,
+    and the heads and losses see the grid as with the reference strides."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(stage), bev_strides=(1, 2, 2))
+    model = build_model(cfg).train()
+    batch = random_batch(cfg, batch_size=1, labels=ODD_PER_TASK)
+    bev = torch.randn(1, cfg.context_channels * cfg.num_frames, 32, 32)
+    stages = model.img_bev_encoder_backbone(bev)
+    assert [tuple(s.shape[-2:]) for s in stages] == [(32, 32), (16, 16), (8, 8)]
+    assert tuple(model.img_bev_encoder_neck(stages).shape) == (1, cfg.bev_neck_channels, 32, 32)
+    out = model.forward_features(batch)
+    assert {tuple(p["heatmap"].shape[-2:]) for p in out.proposals} == {(32, 32)}
+    assert torch.isfinite(sum(model.loss(batch).values()))
+
+
+def test_heatmap_init_std_starts_every_cell_at_the_prior():
+    torch.manual_seed(0)
+    batch = random_batch(tiny(1), batch_size=1, labels=ODD_PER_TASK)
+    spread = {}
+    for std in (None, 1e-3):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(tiny(1), heatmap_init_std=std)).eval()
+        with torch.no_grad():
+            logits = torch.cat([p["heatmap"].flatten() for p in model.forward_features(batch).proposals])
+        spread[std] = (logits + 2.19).abs().max().item()
+    assert spread[1e-3] < 0.05  # sigmoid(-2.19) ~ 0.1 everywhere
+    assert spread[None] > 1.0  # the reference's Kaiming init spreads the untrained logits by units
