@@ -159,6 +159,14 @@ class ModelConfig:
         if any(n % total for n in self.grid_size[:2]):
             raise ConfigError(f"model.bev_strides={self.bev_strides}: the BEV grid {self.grid_size[:2]} is not "
                               f"divisible by their product {total}")
+        z_lower, z_upper, z_step = self.refine_pillar_z
+        heights = (z_upper - z_lower) / z_step if z_step > 0 else 0.0
+        if heights < 0.5 or abs(heights - round(heights)) > 1e-6:
+            raise ConfigError(f"model.refine_pillar_z={self.refine_pillar_z}: expected (lower, upper, step) spanning "
+                              "a positive whole number of steps")
+        if self.refine_points < 1 or self.refine_points % round(heights):
+            raise ConfigError(f"model.refine_points={self.refine_points} must be a positive multiple of the "
+                              f"{round(heights)} pillar heights of model.refine_pillar_z={self.refine_pillar_z}")
         if self.bev_encoder not in ("resnet", "res2fusion"):
             raise ConfigError(f"model.bev_encoder={self.bev_encoder!r}: expected 'resnet' or 'res2fusion'")
         if self.bev_encoder == "res2fusion" and self.num_frames % 3:

@@ -142,6 +142,8 @@ def test_history_frames_get_no_gradient_path():
         ({"bev_strides": (1, 2, 0)}, "model.bev_strides"),
         ({"bev_strides": (4, 4, 4)}, "model.bev_strides=(4, 4, 4): the BEV grid (32, 32) is not divisible"),
         ({"heatmap_init_std": 0.0}, "model.heatmap_init_std"),
+        ({"refine_points": 6}, "model.refine_points=6 must be a positive multiple of the 8 pillar heights"),
+        ({"refine_pillar_z": (-5.0, 3.0, 3.0)}, "model.refine_pillar_z"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_the_key(change, key):
