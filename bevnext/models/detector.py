@@ -286,6 +286,7 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
             num_heads=cfg.refine_heads,
             num_points=cfg.refine_points,
             image_size=cfg.input_size,
+            query_chunk=cfg.refine_query_chunk,
         ),
         proposal_head=CenterHeadProposal(
             cfg.bev_neck_channels, TASKS, head_channels=cfg.head_channels, heatmap_init_std=cfg.heatmap_init_std

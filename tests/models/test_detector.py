@@ -144,6 +144,7 @@ def test_history_frames_get_no_gradient_path():
         ({"heatmap_init_std": 0.0}, "model.heatmap_init_std"),
         ({"refine_points": 6}, "model.refine_points=6 must be a positive multiple of the 8 pillar heights"),
         ({"refine_pillar_z": (-5.0, 3.0, 3.0)}, "model.refine_pillar_z"),
+        ({"refine_query_chunk": 0}, "model.refine_query_chunk=0"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_the_key(change, key):
