@@ -91,16 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_config(preset, settings: list[str]):
-    """The preset without pretrained weights and with ``model.KEY=VALUE`` settings applied."""
+    """The preset without pretrained weights and with ``model.KEY=VALUE`` settings applied and validated."""
+    from bevnext.config.model import ModelConfig
     from bevnext.config.overrides import apply_overrides
-    from bevnext.errors import ConfigError
 
-    keys = []
-    for item in settings:
-        if not item.startswith("model."):
-            raise ConfigError(f"--set/--compare {item!r}: expected model.KEY=VALUE")
-        keys.append(item[len("model."):])
-    cfg = apply_overrides(dataclasses.replace(preset, pretrained=None), keys)
+    # A config whose only section is ``model``: keys keep their ``model.`` prefix in every error message.
+    settable = dataclasses.make_dataclass("BenchSettings", [("model", ModelConfig)], frozen=True)
+    cfg = apply_overrides(settable(dataclasses.replace(preset, pretrained=None)), settings).model
     cfg.validate()
     return cfg
 

@@ -22,6 +22,17 @@ def num_depth_bins(depth_range: Sequence[float]) -> int:
     return max(0, math.ceil((stop - start) / step - 1e-9)) if step > 0 else 0
 
 
+def whole_steps(lower: float, upper: float, step: float, name: str) -> int:
+    """Number of steps of ``arange(lower, upper, step)``; raises ConfigError naming ``name`` unless it is a positive
+    whole number."""
+    if step <= 0:
+        raise ConfigError(f"{name}: step must be > 0, got {step}")
+    count = (upper - lower) / step
+    if count < 0.5 or abs(count - round(count)) > 1e-6:
+        raise ConfigError(f"{name}: ({upper} - {lower}) / {step} = {count} is not a positive whole number of cells")
+    return int(round(count))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """BEVNeXt architecture.
@@ -167,14 +178,10 @@ class ModelConfig:
         if self.refine_query_chunk is not None and self.refine_query_chunk < 1:
             raise ConfigError(f"model.refine_query_chunk={self.refine_query_chunk}: expected a positive number of "
                               "queries or None")
-        z_lower, z_upper, z_step = self.refine_pillar_z
-        heights = (z_upper - z_lower) / z_step if z_step > 0 else 0.0
-        if heights < 0.5 or abs(heights - round(heights)) > 1e-6:
-            raise ConfigError(f"model.refine_pillar_z={self.refine_pillar_z}: expected (lower, upper, step) spanning "
-                              "a positive whole number of steps")
-        if self.refine_points < 1 or self.refine_points % round(heights):
+        heights = whole_steps(*self.refine_pillar_z, f"model.refine_pillar_z={self.refine_pillar_z}")
+        if self.refine_points < 1 or self.refine_points % heights:
             raise ConfigError(f"model.refine_points={self.refine_points} must be a positive multiple of the "
-                              f"{round(heights)} pillar heights of model.refine_pillar_z={self.refine_pillar_z}")
+                              f"{heights} pillar heights of model.refine_pillar_z={self.refine_pillar_z}")
         if self.bev_encoder not in ("resnet", "res2fusion"):
             raise ConfigError(f"model.bev_encoder={self.bev_encoder!r}: expected 'resnet' or 'res2fusion'")
         if self.bev_encoder == "res2fusion" and self.num_frames % 3:

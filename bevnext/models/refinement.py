@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bevnext.config.model import whole_steps
 from bevnext.errors import ConfigError
 from bevnext.models.blocks import ConvBNReLU
 from bevnext.ops import multi_scale_deformable_attn
@@ -65,16 +66,6 @@ def make_depth_embedding(depth_bins: int, channels: int) -> nn.Sequential:
     if channels < 1:
         raise ConfigError(f"channels must be >= 1, got {channels}")
     return nn.Sequential(*ConvBNReLU(depth_bins, depth_bins, 1, bias=True), nn.Conv2d(depth_bins, channels, 1))
-
-
-def _num_steps(lower: float, upper: float, step: float, name: str) -> int:
-    """Number of cells of ``arange(lower, upper, step)``; it must be a positive whole number."""
-    if step <= 0:
-        raise ConfigError(f"{name}: step must be > 0, got {step}")
-    count = (upper - lower) / step
-    if count < 0.5 or abs(count - round(count)) > 1e-6:
-        raise ConfigError(f"{name}: ({upper} - {lower}) / {step} = {count} is not a positive whole number of cells")
-    return int(round(count))
 
 
 def pillar_centres(
@@ -528,7 +519,7 @@ class PerspectiveRefinement(nn.Module):
         if num_layers < 1:
             raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
         z_lower, z_upper, z_step = pillar_z
-        num_heights = _num_steps(z_lower, z_upper, z_step, "pillar_z")
+        num_heights = whole_steps(z_lower, z_upper, z_step, "pillar_z")
         if num_points < 1 or num_points % num_heights != 0:
             raise ConfigError(
                 f"num_points ({num_points}) must be a positive multiple of the pillar heights ({num_heights})"

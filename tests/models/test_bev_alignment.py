@@ -55,6 +55,7 @@ def test_a_feature_at_an_objects_pixel_lands_on_its_target_peak(tiny_synth_root)
         for b in range(batch.batch_size):
             # Boxes are in the BEV-augmented key frame; cameras see the un-augmented one.
             centres = batch.gt_boxes[b][:, :3] @ torch.linalg.inv(cams.bda[b]).T
+            rows, cols = peaks[b].nonzero(as_tuple=True)
             for centre in centres:
                 for n in range(batch.num_cams):
                     in_cam = cams.cam2key_rot[b, n].T @ (centre - cams.cam2key_trans[b, n])
@@ -66,7 +67,6 @@ def test_a_feature_at_an_objects_pixel_lands_on_its_target_peak(tiny_synth_root)
                     if cell is None:
                         continue
                     # The nearest target peak: one cell of slack for the feature map's 8-pixel quantisation.
-                    rows, cols = peaks[b].nonzero(as_tuple=True)
                     distance = torch.maximum((rows - cell[0]).abs(), (cols - cell[1]).abs()).min()
                     assert distance <= 1, f"sample {b} camera {n}: splat cell {cell}, nearest peak {distance} away"
                     checked += 1
