@@ -16,10 +16,12 @@ Paths (chosen per call, see ``bevnext.ops._dispatch``):
   wrapper passes them to the kernel, which loops over them), and a bias added outside the kernel (the
   wrapper accepts ``bias`` but never uses it). Its offset layout is mmcv's (the kernel takes even offset
   channels as Δy and odd ones as Δx, taps row-major).
-* CPU / CUDA: ``torchvision.ops.deform_conv2d`` (same offset layout; verified against a loop oracle in the
-  tests).
-* Anything else (or when torchvision has no kernel for the device/dtype): a portable pure-PyTorch version
-  built on ``F.grid_sample``.
+* CUDA: ``torchvision.ops.deform_conv2d`` (same offset layout; verified against a loop oracle in the tests).
+* CPU, anything else, ``BEVNEXT_OPS=reference``, or when torchvision has no kernel for the device/dtype: a
+  pure-PyTorch version built on ``F.grid_sample``. On CPU it is the faster one: torchvision's CPU kernel takes
+  several times longer forward + backward at the depth net's shapes (``bevnext bench deform-conv``). With
+  gradients it keeps only its inputs for the backward and samples the columns again there, as torchvision's
+  kernel does, so that it adds nothing to a training step's peak memory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+from torch.utils.checkpoint import checkpoint
 
 from bevnext.ops._dispatch import fast_module, reference_forced, warn_once
 
@@ -43,8 +46,8 @@ _OP = "deform_conv2d"
 _MX_CIN_MULTIPLE = 64
 _MX_CIN_PER_GROUP_MULTIPLE = 8
 _MX_MAX_CIN = 512
-# Devices for which torchvision ships deform_conv2d kernels.
-_TORCHVISION_DEVICES = ("cpu", "cuda")
+# Devices on which torchvision's deform_conv2d kernel runs (its CPU kernel is slower than the grid_sample version).
+_TORCHVISION_DEVICES = ("cuda",)
 
 IntPair = int | tuple[int, int]
 
@@ -133,7 +136,7 @@ def deform_conv2d(
             return _deform_conv2d_mx(fast, x, offset, weight, bias, stride, padding, dilation, groups)
         warn_once(_OP, f"mx_driving kernel not applicable ({reason}); using the PyTorch reference")
 
-    if device_type in _TORCHVISION_DEVICES:
+    if device_type in _TORCHVISION_DEVICES and not reference_forced():
         try:
             from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
@@ -142,9 +145,9 @@ def deform_conv2d(
         except (ImportError, NotImplementedError, RuntimeError) as err:
             # Shapes were validated above, so a failure here means "no kernel for this device/dtype".
             warn_once(_OP, f"torchvision deform_conv2d unavailable ({type(err).__name__}: {err}); using grid_sample")
-    elif not reference_forced():
+    elif device_type != "cpu" and not reference_forced():
         warn_once(_OP, f"no deformable-conv kernel for device {device_type!r}; using the grid_sample reference")
-    return _deform_conv2d_grid_sample(x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
+    return _deform_conv2d_portable(x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
 
 
 def _check_shapes(
@@ -195,6 +198,26 @@ def _deform_conv2d_mx(
     """
     out = mx_driving.deform_conv2d(x, offset, weight, stride, padding, dilation, groups, 1)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def _deform_conv2d_portable(
+    x: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    deform_groups: int,
+) -> Tensor:
+    """The grid_sample version as the model runs it: with gradients, only the inputs are kept for the backward."""
+    args = (x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, offset, weight, bias)):
+        # Rebuild the (B, Cin, kh*kw, Ho*Wo) columns in the backward, as torchvision's kernel does: they are
+        # the op's largest tensor (156 MB per stage-2 camera set) and would otherwise stay until the backward.
+        return checkpoint(_deform_conv2d_grid_sample, *args, use_reentrant=False)
+    return _deform_conv2d_grid_sample(*args)
 
 
 def _deform_conv2d_grid_sample(
