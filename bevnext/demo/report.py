@@ -296,13 +296,23 @@ def draw_loss_curves(
         draw.text((x0 - 8 - w, y - (bbox[3] - bbox[1]) / 2 - bbox[1]), label, fill=text, font=small)
     draw.rectangle([x0, y0, x1, y1], outline=axis)
 
-    # Stage boundaries: where each training after the first begins.
+    # Legend geometry (drawn last, top right inside the plot): boundary labels keep clear of it.
+    row_h = int(small.size if hasattr(small, "size") else 12) + 8
+    labels = [ser.label for ser in series]
+    box_w = int(max((draw.textlength(lab, font=small) for lab in labels), default=0)) + 52
+    bx1, by0 = x1 - 10, y0 + 10
+    bx0, by1 = bx1 - box_w, by0 + row_h * len(series) + 8
+
+    # Stage boundaries: where each training after the first begins, labelled left of the line when the
+    # label would run into the legend.
     for before, ser in zip(series, series[1:]):
         if ser.steps and before.steps:
             x = px(before.steps[-1])
             for y in range(int(y0), int(y1), 12):
                 draw.line([(x, y), (x, min(y + 6, y1))], fill=(120, 120, 120), width=1)
-            draw.text((x + 4, y0 + 4), f"{ser.label} starts", fill=(90, 90, 90), font=small)
+            note = f"{ser.label} starts"
+            w = draw.textlength(note, font=small)
+            draw.text((x + 4 if x + 4 + w < bx0 - 4 else x - 4 - w, y0 + 4), note, fill=(90, 90, 90), font=small)
 
     # The curves.
     for index, ser in enumerate(series):
@@ -321,11 +331,6 @@ def draw_loss_curves(
 
     # Legend, top right inside the plot.
     if series:
-        row_h = int(small.size if hasattr(small, "size") else 12) + 8
-        labels = [ser.label for ser in series]
-        box_w = int(max(draw.textlength(lab, font=small) for lab in labels)) + 52
-        bx1, by0 = x1 - 10, y0 + 10
-        bx0, by1 = bx1 - box_w, by0 + row_h * len(series) + 8
         draw.rectangle([bx0, by0, bx1, by1], fill="white", outline=(180, 180, 180))
         for index, lab in enumerate(labels):
             cy = by0 + 4 + row_h * index + row_h / 2
