@@ -28,7 +28,9 @@ copy to the device) per step, and the peak memory (accelerators: ``max_allocated
 arm; CPU: ``max_rss_mb``, the process's peak resident memory, which cannot be reset, so the loader arm's
 figure is the peak of the whole run so far, and which leaves out the loader workers' own memory).
 The last line is ``loader-in-the-loop / synthetic: R.RRx (...)``, the ratio of the steady samples/s, saying
-whether the loader limits (R < 0.95) or the step does (R >= 0.95; R > 1.05 is flagged as timing noise). The arms
+whether the loader limits (R < 0.95) or the step does (R >= 0.95; R > 1.05 is flagged as timing noise). Below
+0.95 with the data waits all under 5 % of the median step, the verdict is the step, and the lower rate a few slow
+steps' (timing noise); with only some waits above that, the loader limits now and then. The arms
 run one after the other, not interleaved (interleaving would let the workers prefetch during the synthetic
 steps), so load from other processes that changes between them shows up in R: on a shared machine, rerun.
 """
@@ -192,6 +194,15 @@ def _verdict(synth: _Arm, loader: _Arm, warmup: int, ratio: float) -> str:
                 "machine, too few --steps)")
     if ratio >= LIMIT_THRESHOLD:
         return f"the step limits: data wait {wait:.1f} ms of {loader_step:.1f} ms/step"
+    small = (1.0 - LIMIT_THRESHOLD) * loader_step  # a wait below this cannot cost the arm 5 % of its rate
+    if wait < small:
+        worst = 1e3 * max(loader.wait_s[warmup:])
+        if worst >= small:
+            return (f"the loader limits now and then: the median data wait is {wait:.1f} ms of {loader_step:.1f} "
+                    f"ms/step, the longest {worst:.1f} ms (more --num-workers or train.prefetch_factor)")
+        return (f"the step limits: data wait {wait:.1f} ms of {loader_step:.1f} ms/step (medians); the loader arm's "
+                f"mean rate is lower because of a few slow steps (slowest {1e3 * max(loader.step_s[warmup:]):.1f} "
+                "ms), which is timing noise: rerun with more --steps")
     return (f"the loader limits: it waits {wait:.1f} ms/step for batches, and the rest of the step takes "
             f"{loader_step - wait:.1f} ms vs {synth_step:.1f} ms with synthetic batches (medians)")
 

@@ -36,3 +36,25 @@ def test_without_data_root_skips_the_loader_arm(tmp_path, monkeypatch, capsys):
     assert re.search(rf"^synthetic batches: +{RATE}", out, re.M)
     assert re.search(r"^with the data loader: skipped — no data root given", out, re.M)
     assert "loader-in-the-loop / synthetic: n/a (loader arm skipped)" in out
+
+
+def _arm(name, step_ms, wait_ms=()):
+    arm = runpy.run_path(str(SCRIPT), run_name="bevnext_bench")["_Arm"](name)
+    arm.step_s = [ms / 1e3 for ms in step_ms]
+    arm.wait_s = [ms / 1e3 for ms in wait_ms]
+    return arm
+
+
+def test_verdict_tells_slow_steps_from_a_slow_loader():
+    verdict = runpy.run_path(str(SCRIPT), run_name="bevnext_bench")["_verdict"]
+    synth = _arm("synthetic batches", [100, 100, 100, 100])
+    # Waits of ~1 ms, one slow step: the step limits, the lower mean rate is noise.
+    steps = [100, 100, 100, 160]
+    text = verdict(synth, _arm("with the data loader", steps, [1, 1, 1, 1]), 0, 0.88)
+    assert text.startswith("the step limits: data wait 1.0 ms of 100.0 ms/step (medians)") and "160.0 ms" in text
+    # Short waits but one long one: the loader limits now and then.
+    text = verdict(synth, _arm("with the data loader", steps, [1, 1, 1, 60]), 0, 0.88)
+    assert text.startswith("the loader limits now and then: the median data wait is 1.0 ms") and "60.0 ms" in text
+    # Long waits on every step: the loader limits.
+    text = verdict(synth, _arm("with the data loader", [150] * 4, [50] * 4), 0, 0.67)
+    assert text.startswith("the loader limits: it waits 50.0 ms/step for batches")
