@@ -82,7 +82,7 @@ class TaskTargets:
 
 
 class TargetBuilder:
-    """Builds ``TaskTargets`` for every task from ground-truth boxes, vectorised over objects.
+    """Builds ``TaskTargets`` for every task from ground-truth boxes, vectorised over objects and samples.
 
     Args:
         tasks: class groups (indices into ``CLASSES``); the reference uses ``TASKS``.
@@ -159,7 +159,7 @@ class TargetBuilder:
         return voxels // self.out_size_factor
 
     def __call__(self, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> list[TaskTargets]:
-        """Targets for a batch.
+        """Targets for a batch, built for all samples at once (a few host synchronisations per task, not per sample).
 
         Args:
             gt_boxes: B tensors (M_b, 9) ``[x, y, z, l, w, h, yaw, vx, vy]`` (gravity centre, key frame).
@@ -172,13 +172,93 @@ class TargetBuilder:
             raise ValueError(f"got {len(gt_boxes)} box tensors but {len(gt_labels)} label tensors")
         if len(gt_boxes) == 0:
             raise ValueError("targets need at least one sample")
+        for b, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+            if boxes.ndim != 2 or boxes.shape[1] != 9:
+                raise ValueError(f"boxes of sample {b} must be (M, 9), got {tuple(boxes.shape)}")
+            if labels.shape != boxes.shape[:1]:
+                raise ValueError(f"labels of sample {b} must be ({boxes.shape[0]},), got {tuple(labels.shape)}")
         device = gt_boxes[0].device
-        per_sample = [self.build_single(b.to(device), lab.to(device)) for b, lab in zip(gt_boxes, gt_labels)]
-        out = []
-        for t in range(len(self.tasks)):
-            parts = [sample[t] for sample in per_sample]
-            out.append(TaskTargets(*(torch.stack([p[i] for p in parts]) for i in range(4))))
-        return out
+        batch = len(gt_boxes)
+        counts = [int(b.shape[0]) for b in gt_boxes]
+        # The reference computes targets in float32; doing the same keeps cells and offsets bit-identical.
+        boxes = torch.cat([b.to(device=device, dtype=torch.float32) for b in gt_boxes])
+        labels = torch.cat([lab.to(device=device, dtype=torch.long) for lab in gt_labels])
+        sample = torch.repeat_interleave(
+            torch.arange(batch, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+        )
+        known = (labels >= 0) & (labels < self.num_classes)
+        safe_labels = torch.where(known, labels, torch.zeros_like(labels))
+        task_of = torch.where(known, self._task_of.to(device)[safe_labels], torch.full_like(labels, -1))
+        channel_of = self._channel_of.to(device)[safe_labels]
+        return [self._task_targets(t, boxes, sample, task_of, channel_of, batch) for t in range(len(self.tasks))]
+
+    def _task_targets(
+        self, t: int, boxes: Tensor, sample: Tensor, task_of: Tensor, channel_of: Tensor, batch: int
+    ) -> TaskTargets:
+        """Task ``t``'s targets from the batch's boxes (M, 9), their sample (M,), task (M,) and channel (M,)."""
+        device = boxes.device
+        grid_y, grid_x = self.grid_shape
+        x_min, y_min = self.point_cloud_range[0], self.point_cloud_range[1]
+        vx, vy = self.voxel_size
+        factor = self.out_size_factor
+        k = len(self.tasks[t])
+        heatmap = boxes.new_zeros((batch, k, grid_y, grid_x))
+        reg_target = boxes.new_zeros((batch, self.max_objs, REG_TARGET_DIM))
+        index = torch.zeros((batch, self.max_objs), dtype=torch.long, device=device)
+        mask = torch.zeros((batch, self.max_objs), dtype=torch.bool, device=device)
+
+        members = torch.nonzero(task_of == t).squeeze(1)
+        # Slot order of the reference, per sample: class by class (task order), input order within a class.
+        members = members[torch.sort(sample[members] * k + channel_of[members], stable=True).indices]
+        owner = sample[members]
+        per_sample = torch.bincount(owner, minlength=batch)
+        slot = torch.arange(members.numel(), device=device) - (torch.cumsum(per_sample, 0) - per_sample)[owner]
+        kept = slot < self.max_objs  # later objects of a sample are dropped, as in the reference
+        members, owner, slot = members[kept], owner[kept], slot[kept]
+        if members.numel() == 0:
+            return TaskTargets(heatmap, reg_target, index, mask)
+        box = boxes[members]
+        cls = channel_of[members]
+        # Same operation order as the reference (float32), so cells and offsets match it exactly.
+        length_cells = box[:, 3] / vx / factor
+        width_cells = box[:, 4] / vy / factor
+        centre = torch.stack(((box[:, 0] - x_min) / vx / factor, (box[:, 1] - y_min) / vy / factor), 1)
+        # floor, not the reference's truncation toward zero: a centre up to one cell below the lower
+        # bound would otherwise land in cell 0 (never happens after the object range filter).
+        cell = torch.floor(centre).to(torch.long)
+        valid = (
+            (length_cells > 0)
+            & (width_cells > 0)
+            & (box[:, 5] > 0)  # log h must be finite
+            & (cell[:, 0] >= 0)
+            & (cell[:, 0] < grid_x)
+            & (cell[:, 1] >= 0)
+            & (cell[:, 1] < grid_y)
+        )
+        # The radius rule is symmetric in its two sizes; the reference passes (w, l).
+        radius = heatmap_radius(width_cells, length_cells, self.gaussian_overlap, self.min_radius)
+        # One splat call for the whole batch: channel ``sample * k + class`` of the (B*k, Y, X) view; invalid
+        # objects get channel -1, which draw_gaussians skips (no boolean indexing, no extra synchronisation).
+        channel = torch.where(valid, owner * k + cls, torch.full_like(cls, -1))
+        draw_gaussians(heatmap.view(batch * k, grid_y, grid_x), cell, radius.clamp(min=0), channel)
+
+        yaw = box[:, 6]
+        dims = torch.where(valid[:, None], box[:, 3:6], torch.ones_like(box[:, 3:6]))
+        target = torch.cat(
+            (
+                centre - cell.to(centre.dtype),
+                box[:, 2:3],
+                torch.log(dims),
+                torch.sin(yaw)[:, None],
+                torch.cos(yaw)[:, None],
+                box[:, 7:9],
+            ),
+            dim=1,
+        )
+        reg_target[owner, slot] = torch.where(valid[:, None], target, torch.zeros_like(target))
+        index[owner, slot] = torch.where(valid, cell[:, 1] * grid_x + cell[:, 0], torch.zeros_like(cell[:, 0]))
+        mask[owner, slot] = valid
+        return TaskTargets(heatmap, reg_target, index, mask)
 
     def build_single(self, boxes: Tensor, labels: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Targets of one sample.
@@ -191,75 +271,7 @@ class TargetBuilder:
             Per task ``(heatmap (k, Y, X) float32, reg_target (max_objs, 10) float32, index (max_objs,) int64,
             mask (max_objs,) bool)`` on ``boxes``' device.
         """
-        if boxes.ndim != 2 or boxes.shape[1] != 9:
-            raise ValueError(f"boxes must be (M, 9), got {tuple(boxes.shape)}")
-        if labels.shape != boxes.shape[:1]:
-            raise ValueError(f"labels must be ({boxes.shape[0]},), got {tuple(labels.shape)}")
-        device = boxes.device
-        # The reference computes targets in float32; doing the same keeps cells and offsets bit-identical.
-        boxes = boxes.to(torch.float32)
-        labels = labels.to(device=device, dtype=torch.long)
-        known = (labels >= 0) & (labels < self.num_classes)
-        safe_labels = torch.where(known, labels, torch.zeros_like(labels))
-        task_of = torch.where(known, self._task_of.to(device)[safe_labels], torch.full_like(labels, -1))
-        channel_of = self._channel_of.to(device)[safe_labels]
-
-        grid_y, grid_x = self.grid_shape
-        x_min, y_min = self.point_cloud_range[0], self.point_cloud_range[1]
-        vx, vy = self.voxel_size
-        factor = self.out_size_factor
-        out = []
-        for t, group in enumerate(self.tasks):
-            heatmap = boxes.new_zeros((len(group), grid_y, grid_x))
-            reg_target = boxes.new_zeros((self.max_objs, REG_TARGET_DIM))
-            index = torch.zeros(self.max_objs, dtype=torch.long, device=device)
-            mask = torch.zeros(self.max_objs, dtype=torch.bool, device=device)
-
-            members = torch.nonzero(task_of == t).squeeze(1)
-            # Slot order of the reference: class by class (task order), input order within a class.
-            members = members[torch.sort(channel_of[members], stable=True).indices][: self.max_objs]
-            num = members.numel()
-            if num > 0:
-                box = boxes[members]
-                cls = channel_of[members]
-                # Same operation order as the reference (float32), so cells and offsets match it exactly.
-                length_cells = box[:, 3] / vx / factor
-                width_cells = box[:, 4] / vy / factor
-                centre = torch.stack(((box[:, 0] - x_min) / vx / factor, (box[:, 1] - y_min) / vy / factor), 1)
-                # floor, not the reference's truncation toward zero: a centre up to one cell below the lower
-                # bound would otherwise land in cell 0 (never happens after the object range filter).
-                cell = torch.floor(centre).to(torch.long)
-                valid = (
-                    (length_cells > 0)
-                    & (width_cells > 0)
-                    & (box[:, 5] > 0)  # log h must be finite
-                    & (cell[:, 0] >= 0)
-                    & (cell[:, 0] < grid_x)
-                    & (cell[:, 1] >= 0)
-                    & (cell[:, 1] < grid_y)
-                )
-                # The radius rule is symmetric in its two sizes; the reference passes (w, l).
-                radius = heatmap_radius(width_cells, length_cells, self.gaussian_overlap, self.min_radius)
-                draw_gaussians(heatmap, cell[valid], radius[valid], cls[valid])
-
-                yaw = box[:, 6]
-                dims = torch.where(valid[:, None], box[:, 3:6], torch.ones_like(box[:, 3:6]))
-                target = torch.cat(
-                    (
-                        centre - cell.to(centre.dtype),
-                        box[:, 2:3],
-                        torch.log(dims),
-                        torch.sin(yaw)[:, None],
-                        torch.cos(yaw)[:, None],
-                        box[:, 7:9],
-                    ),
-                    dim=1,
-                )
-                reg_target[:num] = torch.where(valid[:, None], target, torch.zeros_like(target))
-                index[:num] = torch.where(valid, cell[:, 1] * grid_x + cell[:, 0], torch.zeros_like(cell[:, 0]))
-                mask[:num] = valid
-            out.append((heatmap, reg_target, index, mask))
-        return out
+        return [(t.heatmap[0], t.reg_target[0], t.index[0], t.mask[0]) for t in self([boxes], [labels])]
 
     def __repr__(self) -> str:
         return (
