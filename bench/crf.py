@@ -39,7 +39,7 @@ try:
 except ImportError:  # running from a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bevnext.engine.device import device_module, resolve_device_type, synchronize
+from bevnext.engine.device import device_module, resolve_device_type, saved_for_backward, synchronize
 from bevnext.models.crf import MeanFieldCRF, color_kernel, label_compatibility, patch_colors
 
 MB = float(2**20)
@@ -88,14 +88,7 @@ def forward_backward(fn, crf: MeanFieldCRF, inputs: dict) -> tuple[torch.Tensor,
     """One forward + backward; returns (output, saved bytes, grad of logits, grad of the weight)."""
     logits = inputs["logits"].detach().requires_grad_(True)
     crf.zero_grad(set_to_none=True)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward() as storages:
         out = fn(crf, {**inputs, "logits": logits})
     out.backward(inputs["grad"])
     return out.detach(), sum(storages.values()), logits.grad, crf.ws[0].grad.detach().clone()

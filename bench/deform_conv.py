@@ -11,7 +11,7 @@ input, offsets and weight, at two shapes:
 * ``demo``: one batch of the demo's tiny runs, B*N = 8 x 6 = 48 cameras, C = 32, 8 x 22 pixels (64 x 176 input).
 
 Variants, on the same inputs in this process: ``torchvision.ops.deform_conv2d`` and the grid_sample version as
-the model runs it (``bevnext.ops.deform_conv._deform_conv2d_portable``: bilinear im2col by ``F.grid_sample``, one
+the model runs it (``bevnext.ops.deform_conv._deform_conv2d_grid_sample``: bilinear im2col by ``F.grid_sample``, one
 grouped matmul, the columns sampled again in the backward instead of kept). Times are the median forward +
 backward over ``--reps`` runs after one warm-up, the two variants taking turns run by run. Memory: the bytes
 autograd keeps for the backward beyond the inputs (each storage once, counted with
@@ -38,8 +38,8 @@ try:
 except ImportError:  # running from a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bevnext.engine.device import device_module, resolve_device_type, synchronize
-from bevnext.ops.deform_conv import _deform_conv2d_portable
+from bevnext.engine.device import device_module, resolve_device_type, saved_for_backward, synchronize
+from bevnext.ops.deform_conv import _deform_conv2d_grid_sample
 
 MB = float(2**20)
 GROUPS = 4
@@ -69,7 +69,7 @@ def run_torchvision(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor)
 
 
 def run_grid_sample(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _deform_conv2d_portable(x, offset, weight, None, (1, 1), (1, 1), (1, 1), GROUPS, 1)
+    return _deform_conv2d_grid_sample(x, offset, weight, None, (1, 1), (1, 1), (1, 1), GROUPS, 1)
 
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": run_torchvision, "grid_sample": run_grid_sample}
@@ -78,14 +78,7 @@ VARIANTS: dict[str, Callable[..., torch.Tensor]] = {"torchvision": run_torchvisi
 def forward_backward(fn: Callable[..., torch.Tensor], inputs: Inputs) -> tuple[list[torch.Tensor], int]:
     """One forward + backward; returns (output and the three gradients, bytes saved for the backward)."""
     leaves = [inputs[k].detach().requires_grad_(True) for k in ("x", "offset", "weight")]
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward() as storages:
         out = fn(*leaves)
     out.backward(inputs["grad"])
     # The leaves are the caller's inputs, not activations: leave them out of the saved bytes.

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -262,6 +263,25 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
     if rss is not None:
         stats["max_rss_mb"] = rss
     return stats
+
+
+@contextlib.contextmanager
+def saved_for_backward() -> Iterator[dict[int, int]]:
+    """Record what autograd keeps for the backward of the operations run inside the block.
+
+    Yields a dict ``{storage data pointer: bytes}`` filled as the block runs, each storage once (custom
+    autograd Functions' saved tensors included). Its sum is the activation memory the block holds until its
+    backward, the same on every device.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
 
 
 def reset_peak_memory(device: torch.device | str) -> None:

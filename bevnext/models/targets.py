@@ -240,7 +240,7 @@ class TargetBuilder:
         # One splat call for the whole batch: channel ``sample * k + class`` of the (B*k, Y, X) view; invalid
         # objects get channel -1, which draw_gaussians skips (no boolean indexing, no extra synchronisation).
         channel = torch.where(valid, owner * k + cls, torch.full_like(cls, -1))
-        draw_gaussians(heatmap.view(batch * k, grid_y, grid_x), cell, radius.clamp(min=0), channel)
+        draw_gaussians(heatmap.view(batch * k, grid_y, grid_x), cell, radius, channel)
 
         yaw = box[:, 6]
         dims = torch.where(valid[:, None], box[:, 3:6], torch.ones_like(box[:, 3:6]))
@@ -259,19 +259,6 @@ class TargetBuilder:
         index[owner, slot] = torch.where(valid, cell[:, 1] * grid_x + cell[:, 0], torch.zeros_like(cell[:, 0]))
         mask[owner, slot] = valid
         return TaskTargets(heatmap, reg_target, index, mask)
-
-    def build_single(self, boxes: Tensor, labels: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Targets of one sample.
-
-        Args:
-            boxes: (M, 9) ``[x, y, z, l, w, h, yaw, vx, vy]`` (gravity centre, key frame).
-            labels: (M,) int64 class indices.
-
-        Returns:
-            Per task ``(heatmap (k, Y, X) float32, reg_target (max_objs, 10) float32, index (max_objs,) int64,
-            mask (max_objs,) bool)`` on ``boxes``' device.
-        """
-        return [(t.heatmap[0], t.reg_target[0], t.index[0], t.mask[0]) for t in self([boxes], [labels])]
 
     def __repr__(self) -> str:
         return (

@@ -147,7 +147,7 @@ def deform_conv2d(
             warn_once(_OP, f"torchvision deform_conv2d unavailable ({type(err).__name__}: {err}); using grid_sample")
     elif device_type != "cpu" and not reference_forced():
         warn_once(_OP, f"no deformable-conv kernel for device {device_type!r}; using the grid_sample reference")
-    return _deform_conv2d_portable(x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
+    return _deform_conv2d_grid_sample(x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
 
 
 def _check_shapes(
@@ -200,26 +200,6 @@ def _deform_conv2d_mx(
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
-def _deform_conv2d_portable(
-    x: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    deform_groups: int,
-) -> Tensor:
-    """The grid_sample version as the model runs it: with gradients, only the inputs are kept for the backward."""
-    args = (x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, offset, weight, bias)):
-        # Rebuild the (B, Cin, kh*kw, Ho*Wo) columns in the backward, as torchvision's kernel does: they are
-        # the op's largest tensor (156 MB per stage-2 camera set) and would otherwise stay until the backward.
-        return checkpoint(_deform_conv2d_grid_sample, *args, use_reentrant=False)
-    return _deform_conv2d_grid_sample(*args)
-
-
 def _deform_conv2d_grid_sample(
     x: Tensor,
     offset: Tensor,
@@ -230,11 +210,19 @@ def _deform_conv2d_grid_sample(
     dilation: tuple[int, int],
     groups: int,
     deform_groups: int,
+    *,
+    keep_columns: bool = False,
 ) -> Tensor:
     """Portable reference: bilinear im2col with ``F.grid_sample`` then a grouped matmul.
 
-    Memory: the (B, Cin, kh*kw, Ho*Wo) column tensor is materialised (and kept for backward).
+    Memory: the (B, Cin, kh*kw, Ho*Wo) column tensor is materialised. With gradients only the inputs are kept
+    for the backward, which samples the columns again (as torchvision's kernel does): they are the op's largest
+    tensor (156 MB per stage-2 camera set) and would otherwise stay until the backward. ``keep_columns=True``
+    (the recomputation's own call) keeps them.
     """
+    args = (x, offset, weight, bias, stride, padding, dilation, groups, deform_groups)
+    if not keep_columns and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
+        return checkpoint(_deform_conv2d_grid_sample, *args, keep_columns=True, use_reentrant=False)
     batch, in_ch, height, width = x.shape
     out_ch, in_per_group, kh, kw = weight.shape
     _, _, out_h, out_w = offset.shape
