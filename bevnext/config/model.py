@@ -33,6 +33,10 @@ def whole_steps(lower: float, upper: float, step: float, name: str) -> int:
     return int(round(count))
 
 
+IMAGE_STRIDES = {4: 0, 8: 1, 16: 2, 32: 3}
+"""Image feature stride (``model.downsample``) -> the first backbone stage the image neck fuses."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """BEVNeXt architecture.
@@ -48,7 +52,8 @@ class ModelConfig:
         require_pretrained: make missing pretrained weights an error instead of a warning.
         image_neck_channels: output width of the single-level image FPN (512).
         input_size: network input (H, W) of every camera image.
-        downsample: image feature stride (8).
+        downsample: image feature stride (8, the reference). The image neck fuses the backbone stages from the one at
+            this stride up to the last (8: stages 1-3, as the reference; 4: stages 0-3; 16: stages 2-3).
         point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) of the BEV grid.
         bev_cell: (dx, dy, dz) BEV voxel size; z collapses into one cell in the reference.
         depth_range: (start, stop, step) of the depth bins in metres (118 bins for (1, 60, 0.5)).
@@ -145,6 +150,9 @@ class ModelConfig:
         """Check every value that would otherwise fail deep inside a module; names the key."""
         _ = self.grid_size, self.num_depth_bins
         h, w = self.input_size
+        if self.downsample not in IMAGE_STRIDES:
+            raise ConfigError(f"model.downsample={self.downsample}: expected one of {sorted(IMAGE_STRIDES)} (the "
+                              "strides of the image backbone's stages)")
         if h % self.downsample or w % self.downsample:
             raise ConfigError(f"model.input_size={self.input_size} is not divisible by model.downsample="
                               f"{self.downsample}")

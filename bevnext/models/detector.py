@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bevnext.config.model import ModelConfig
+from bevnext.config.model import IMAGE_STRIDES, ModelConfig
 from bevnext.models.backbone import ResNetBackbone
 from bevnext.models.bev_encoder import FPNLSS, BEVResNet
 from bevnext.models.decode import REFERENCE_TASK_DECODING, DecodeConfig, decode_boxes, post_center_range_for
@@ -219,7 +219,7 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
     depth_bins = cfg.num_depth_bins
     backbone = ResNetBackbone(
         depth=cfg.backbone_depth,
-        out_indices=(1, 2, 3),
+        out_indices=tuple(range(IMAGE_STRIDES[cfg.downsample], 4)),
         with_cp=cfg.backbone_with_cp,
         pretrained=cfg.pretrained,
         require_pretrained=cfg.require_pretrained,

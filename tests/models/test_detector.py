@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -145,10 +146,11 @@ def test_history_frames_get_no_gradient_path():
         ({"refine_points": 6}, "model.refine_points=6 must be a positive multiple of the 8 pillar heights"),
         ({"refine_pillar_z": (-5.0, 3.0, 3.0)}, "model.refine_pillar_z"),
         ({"refine_query_chunk": 0}, "model.refine_query_chunk=0"),
+        ({"downsample": 6}, "model.downsample=6: expected one of [4, 8, 16, 32]"),
     ],
 )
 def test_bad_config_fails_at_build_time_naming_the_key(change, key):
-    with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         build_model(dataclasses.replace(tiny(1), **change))
 
 
@@ -167,6 +169,23 @@ def test_full_resolution_first_bev_stage_keeps_every_map_on_the_grid(stage):
     out = model.forward_features(batch)
     assert {tuple(p["heatmap"].shape[-2:]) for p in out.proposals} == {(32, 32)}
     assert torch.isfinite(sum(model.loss(batch).values()))
+
+
+@pytest.mark.parametrize(("downsample", "stages"), [(4, (0, 1, 2, 3)), (8, (1, 2, 3)), (16, (2, 3))])
+def test_image_features_come_at_the_configured_stride(downsample, stages):
+    """The image neck fuses the backbone stages from ``model.downsample``'s up, so its output matches the depth
+    net's grid at any stride (8, the reference's, fuses stages 1-3) and a training step runs."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(1), downsample=downsample)
+    model = build_model(cfg).train()
+    assert model.img_backbone.out_indices == stages
+    batch = random_batch(cfg, batch_size=1, labels=ODD_PER_TASK)
+    h, w = cfg.input_size[0] // downsample, cfg.input_size[1] // downsample
+    feats = model.image_features(batch.images[:, 0].flatten(0, 1))
+    assert tuple(feats.shape) == (batch.num_cams, cfg.depth_mid_channels, h, w)
+    losses = model.loss(batch)
+    assert tuple(model.forward_features(batch).depth.shape[-2:]) == (h, w)
+    assert torch.isfinite(sum(losses.values()))
 
 
 def test_heatmap_init_std_starts_every_cell_at_the_prior():
