@@ -36,6 +36,8 @@ Deliberate differences, none of which changes what the model computes beyond flo
   the Kaiming init) and ``model.bev_strides`` (e.g. ``(1, 2, 2)``: the BEV encoder's first stage at the grid's
   resolution, the neck without its final upsampling). With the ground-truth heatmaps fed in as the BEV features,
   the last two together bring the tiny model's heatmap loss after 120 steps of 8 samples from 2.9 to 0.3.
+  ``model.channels_last`` (convolution weights and camera images in the NHWC layout) changes no result beyond
+  float rounding; it makes the demo's CPU steps about 20 % faster.
 * On NPU, deformable attention with 10 / 20 channels per head runs mx_driving's kernel, as in Ascend's own
   port, although its documentation asks for a multiple of 8: in mx-driving 26.2.0.post2 neither the Python
   wrapper nor its compiled layer checks that (the latter checks at most 256 channels and levels x points

@@ -76,6 +76,7 @@ class BEVNeXt(nn.Module):
         target_builder: TargetBuilder,
         num_frames: int,
         decode: DecodeConfig | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.pts_bbox_head = pts_bbox_head
@@ -91,6 +92,10 @@ class BEVNeXt(nn.Module):
         self.target_builder = target_builder
         self.num_frames = num_frames
         self.decode = decode if decode is not None else DecodeConfig()
+        self.channels_last = channels_last
+        if channels_last:
+            # 4-D parameters and buffers (the convolutions' weights) only; everything else is unaffected.
+            self.to(memory_format=torch.channels_last)
 
     def image_features(self, images: Tensor) -> Tensor:
         """The image-only part of a frame: backbone, neck and the depth net's reduction.
@@ -101,6 +106,9 @@ class BEVNeXt(nn.Module):
         Returns:
             (B*N, depth_mid_channels, H / downsample, W / downsample).
         """
+        if self.channels_last:
+            # The stem then reads NHWC directly instead of converting its input every call.
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.img_view_transformer.depth_net.reduce(self.img_neck(self.img_backbone(images)))
 
     def _frame_bev(
@@ -304,4 +312,5 @@ def build_model(cfg: ModelConfig) -> BEVNeXt:
             pre_max_size=cfg.pre_max_size,
             post_max_size=cfg.post_max_size,
         ),
+        channels_last=cfg.channels_last,
     )

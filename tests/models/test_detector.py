@@ -200,3 +200,45 @@ def test_heatmap_init_std_starts_every_cell_at_the_prior():
         spread[std] = (logits + 2.19).abs().max().item()
     assert spread[1e-3] < 0.05  # sigmoid(-2.19) ~ 0.1 everywhere
     assert spread[None] > 1.0  # the reference's Kaiming init spreads the untrained logits by units
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_channels_last_computes_what_the_contiguous_model_does(stage):
+    """``model.channels_last`` changes the memory layout only: with the same weights, the losses, every
+    gradient and the detections agree with the default layout's. The network runs in float64, where the two
+    layouts' different summation orders leave ~1e-12 (in float32 the untrained model's gradients differ by
+    percents between any two summation orders, thread counts included); the head losses compute in float32."""
+    torch.manual_seed(0)
+    cfg = tiny(stage)
+    batch = random_batch(cfg, batch_size=2, labels=ODD_PER_TASK)
+    batch = batch._map(lambda t: t.double() if t.is_floating_point() else t)
+    plain = build_model(cfg).double().train()
+    nhwc = build_model(dataclasses.replace(cfg, channels_last=True)).double().train()
+    nhwc.load_state_dict(plain.state_dict())
+    convs = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.parameters() if p.dim() == 4)
+    results = []
+    for model in (plain, nhwc):
+        # Dropout draws its mask in memory order, so the two layouts would drop different elements (equally
+        # likely masks, not a different computation): off here, BatchNorm stays in training mode.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+        losses = model.loss(batch)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        results.append((losses, grads, model.predict(batch)))
+    (l0, g0, d0), (l1, g1, d1) = results
+    assert l0.keys() == l1.keys() and g0.keys() == g1.keys()
+    for key in l0:
+        torch.testing.assert_close(l1[key], l0[key], rtol=1e-6, atol=1e-9, msg=key)
+    # Biases followed by BatchNorm have a zero gradient in exact arithmetic; the floor absorbs their residue.
+    floor = 1e-10 * max(g.abs().max().item() for g in g0.values())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-7, atol=floor, msg=name)
+    for a, b in zip(d0, d1):
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b.labels, a.labels)
