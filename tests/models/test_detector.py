@@ -206,8 +206,8 @@ def test_heatmap_init_std_starts_every_cell_at_the_prior():
 def test_channels_last_computes_what_the_contiguous_model_does(stage):
     """``model.channels_last`` changes the memory layout only: with the same weights, the losses, every
     gradient and the detections agree with the default layout's. The network runs in float64, where the two
-    layouts' different summation orders leave ~1e-12 (in float32 the untrained model's gradients differ by
-    percents between any two summation orders, thread counts included); the head losses compute in float32."""
+    layouts' different summation orders leave ~1e-12 (in float32 the untrained model's gradients already differ
+    by up to several percent between two summation orders); the head losses compute in float32."""
     torch.manual_seed(0)
     cfg = tiny(stage)
     batch = random_batch(cfg, batch_size=2, labels=ODD_PER_TASK)
