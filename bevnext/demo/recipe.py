@@ -8,8 +8,8 @@ Why these settings (measured on a 2-core CPU, tiny presets, synthetic scenes):
 
 * Convolutions in the channels-last layout (``model.channels_last=true``): the same computation, and oneDNN's
   CPU convolutions skip their layout conversions; a training step of batch 8 takes 0.82x the time in stage 1 and
-  0.81x in stage 2 (``bevnext bench model tiny-stage1 --batch-size 8 --set model.backbone_base_channels=32 --compare
-  model.channels_last=true``).
+  0.81x in stage 2 (``bevnext bench model tiny-stage1 --batch-size 8 --set model.backbone_base_channels=32 --set
+  model.bev_strides=[1,2,2] --compare model.channels_last=true``).
 * A ResNet-18 of half width (``model.backbone_base_channels=32``) takes 0.68 s per step of 8 samples where the
   full width takes 1.03 s: the demo is bound by how many samples it can show the model in a few minutes, and
   the backbone is most of each step.

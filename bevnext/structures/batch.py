@@ -86,9 +86,17 @@ class Batch:
                 changes[f.name] = [fn(v) for v in value]
         return dataclasses.replace(self, **changes)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on ``device`` (metas stay on the host)."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+    def to(
+        self, device: torch.device | str | None = None, non_blocking: bool = False, *, dtype: torch.dtype | None = None
+    ) -> Batch:
+        """A copy with every tensor on ``device`` (None: where it is; metas stay on the host) and, given ``dtype``,
+        every floating-point tensor in that dtype (images, depth, boxes, cameras; labels and colours keep theirs)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            cast = dtype if dtype is not None and t.is_floating_point() else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+        return self._map(move)
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)`` on custom batch types."""

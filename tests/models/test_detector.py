@@ -210,8 +210,7 @@ def test_channels_last_computes_what_the_contiguous_model_does(stage):
     by up to several percent between two summation orders); the head losses compute in float32."""
     torch.manual_seed(0)
     cfg = tiny(stage)
-    batch = random_batch(cfg, batch_size=2, labels=ODD_PER_TASK)
-    batch = batch._map(lambda t: t.double() if t.is_floating_point() else t)
+    batch = random_batch(cfg, batch_size=2, labels=ODD_PER_TASK).to(dtype=torch.float64)
     plain = build_model(cfg).double().train()
     nhwc = build_model(dataclasses.replace(cfg, channels_last=True)).double().train()
     nhwc.load_state_dict(plain.state_dict())
